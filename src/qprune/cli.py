@@ -1,0 +1,63 @@
+"""The Hydra entry point: compose the config, validate it, hand it to the level runner.
+
+``python -m qprune model=conv4 algebra=quat prune.rate=0.2`` — conf/ is found next to the
+package (installed wheel: ``qprune/conf``) or at the top of a source checkout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import QpruneError
+from .settings import Settings, run_identity
+
+log = logging.getLogger("qprune")
+
+
+def config_dir() -> Path:
+    """conf/ inside the installed package, else the source checkout's top-level conf/."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parents[1] / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise RuntimeError(f"qprune's conf/ was not found next to {here}: reinstall the package")
+
+
+def run_id(*, _root_: DictConfig) -> str:
+    """Short hash of the run's identity, so the same command lands in (and resumes) the same directory."""
+    job = OmegaConf.masked_copy(_root_, [k for k in _root_ if k != "hydra"])  # hydra.* refers back here
+    identity = run_identity(OmegaConf.to_container(job, resolve=True))
+    return hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+OmegaConf.register_new_resolver("qprune.run_id", run_id, replace=True)
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
+def _main(cfg: DictConfig) -> None:
+    from .runner import LevelRunner  # after Hydra has set up logging
+
+    try:
+        settings = Settings.from_config(cfg)
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        LevelRunner(settings, run_dir, OmegaConf.to_container(cfg, resolve=True)).run()
+        log.info("results in %s", run_dir)
+    except QpruneError as exc:
+        print(f"qprune: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""What a person sees: the levels table (CSV/JSON), the accuracy-vs-sparsity plot, progress.
+
+``pct_of_real`` — unpruned parameters as a percentage of the dense ``real3`` model's — is the
+x-axis on which real and quaternion models are compared: a dense quaternion model already
+sits at about 25%.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .store import atomic_write_bytes, atomic_write_text
+from .training import EpochStats, Observer
+
+log = logging.getLogger("qprune")
+
+LEVEL_COLUMNS = (
+    "level", "prunable_remaining", "params_nonzero", "params_total", "pct_of_real",
+    "test_acc", "best_val_acc", "train_loss", "epochs", "steps", "train_seconds",
+)
+
+
+def write_levels_csv(rows: Sequence[dict], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LEVEL_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in LEVEL_COLUMNS})
+    atomic_write_text(path, buffer.getvalue())
+
+
+def read_levels_csv(path: Path) -> list[dict[str, Any]]:
+    def parse(value: str) -> Any:
+        if value == "":
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            return float(value)
+
+    with open(path, newline="") as f:
+        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def write_levels_json(rows: Sequence[dict], config: dict, extra: dict, path: Path) -> None:
+    atomic_write_text(path, json.dumps({**extra, "config": config, "levels": list(rows)}, indent=2))
+
+
+def plot_accuracy_vs_sparsity(rows: Sequence[dict], path: Path, title: str) -> None:
+    """Test accuracy against % of the real model's parameters (log x-axis, sparser to the right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    x = [r["pct_of_real"] for r in rows]
+    y = [r["test_acc"] for r in rows]
+    ax.plot(x, y, marker="o")
+    for r in rows:
+        ax.annotate(str(r["level"]), (r["pct_of_real"], r["test_acc"]), textcoords="offset points", xytext=(0, 5), fontsize=7, ha="center")
+    percent_of_real_axis(ax, x)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+PERCENT_TICKS = tuple(m * 10.0**e for e in range(-3, 3) for m in (1, 2, 2.5, 5))
+
+
+def percent_of_real_axis(ax, values: Sequence[float]) -> None:
+    """Log x-axis of % of the real model's parameters, dense on the left, readable tick labels."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ax.set_xscale("log")
+    lo, hi = min(values), max(values)
+    ticks = [t for t in PERCENT_TICKS if lo / 1.1 <= t <= hi * 1.1]
+    if len(ticks) < 3:  # a narrow range: label the data's own values instead
+        ticks = sorted({float(f"{v:.3g}") for v in values})[:: max(1, len(values) // 6)]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlim(hi * 1.15, lo / 1.15)
+    ax.set_xlabel("% of the dense real model's parameters (log scale)")
+
+
+class ProgressObserver(Observer):
+    """Progress bars on a terminal, a plain line per epoch otherwise (logs, CI, cluster jobs)."""
+
+    def __init__(self, level: int, levels: int, epochs: int, mode: str = "auto"):
+        self.level, self.levels, self.epochs = level, levels, epochs
+        self.bars = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+        self.quiet = mode == "none"
+        self._bar = None
+
+    def on_epoch_start(self, epoch: int, steps: int) -> None:
+        if self.bars:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=steps, desc=f"level {self.level}/{self.levels} epoch {epoch}/{self.epochs}", leave=False, unit="step")
+
+    def on_step(self, step: int) -> None:
+        if self._bar is not None:
+            self._bar.update()
+
+    def on_epoch_end(self, stats: EpochStats) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self.quiet:
+            return
+        val = "" if stats.val_acc is None else f" val {stats.val_acc:.2f}%"
+        log.info(
+            "level %d/%d epoch %d/%d: loss %.4f test %.2f%%%s (%.1fs)",
+            self.level, self.levels, stats.epoch, self.epochs, stats.train_loss, stats.test_acc, val, stats.seconds,
+        )

@@ -1,0 +1,119 @@
+"""The composed Hydra config -> validated, typed settings, before any training starts.
+
+Each concern owns its settings dataclass and validates it (``prune.rate must be in (0, 1)``);
+this module only gathers them, checks what spans concerns (an algebra that does not fit the
+dataset, a quaternion width not divisible by 4) and names what identifies a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .algebra import Algebra
+from .data import DataSettings, DatasetSettings
+from .errors import ConfigError
+from .models import MODELS, build_model
+from .pruning import PruneSettings
+from .training import TrainSettings
+
+DEVICES = ("auto", "cpu", "cuda")
+SAVE_WEIGHTS = ("all", "last")
+PROGRESS = ("auto", "bar", "plain", "none")
+
+# Keys that do not change a run's results: a run resumed with other values is the same run.
+# prune.levels is among them so that a finished run can be extended with more levels.
+NOT_IDENTITY = (
+    "hydra", "logger", "device", "resume", "save", "progress",
+    "data.root", "data.cache", "data.download", "prune.levels",
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str
+    model_options: dict
+    algebra: Algebra
+    dataset: DatasetSettings
+    data: DataSettings
+    prune: PruneSettings
+    train: TrainSettings
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = True
+    save_weights: str = "all"
+    progress: str = "auto"
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig | dict) -> "Settings":
+        c = _plain(cfg)
+        try:
+            prune = dict(c["prune"])
+            layer_rates = prune.pop("rates", None) or {}
+            prune_output = prune.pop("output", True)
+            settings = cls(
+                model=c["model"]["name"],
+                model_options={k: (tuple(v) if isinstance(v, list) else v) for k, v in c["model"].items() if k != "name"},
+                algebra=Algebra(**c["algebra"]),
+                dataset=DatasetSettings(**c["dataset"]),
+                data=DataSettings(**c["data"]),
+                prune=PruneSettings(**prune, layer_rates=layer_rates, prune_output=prune_output),
+                train=TrainSettings(**c["train"]),
+                seed=c.get("seed", 0),
+                device=c.get("device", "auto"),
+                resume=c.get("resume", True),
+                save_weights=c.get("save", {}).get("weights", "all"),
+                progress=c.get("progress", "auto"),
+            )
+        except TypeError as exc:  # an unexpected key in a config group file
+            raise ConfigError(f"config does not fit qprune's settings: {exc}") from None
+        settings._check()
+        return settings
+
+    def _check(self) -> None:
+        if self.model not in MODELS:
+            raise ConfigError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        for key, value, allowed in (
+            ("device", self.device, DEVICES), ("save.weights", self.save_weights, SAVE_WEIGHTS),
+            ("progress", self.progress, PROGRESS),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+        if not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        # Fails here, before any data is read, when the algebra does not fit the images or a
+        # width does not fit the algebra.
+        self.algebra.input_channels(self.dataset.channels, flat=MODELS[self.model].flat)
+        with torch.device("meta"):
+            build_model(self.model, self.algebra, 10, None, **self.model_options)
+
+
+def _plain(cfg: DictConfig | dict) -> dict[str, Any]:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return cfg
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def run_identity(cfg: DictConfig | dict) -> dict[str, Any]:
+    """The dotted config keys that define a run's results (see NOT_IDENTITY)."""
+    flat = flatten({k: v for k, v in _plain(cfg).items() if k != "hydra"})
+    return {
+        k: (list(v) if isinstance(v, tuple) else v)
+        for k, v in sorted(flat.items())
+        if not any(k == skip or k.startswith(skip + ".") for skip in NOT_IDENTITY)
+    }
+

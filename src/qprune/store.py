@@ -1,0 +1,112 @@
+"""The run directory: what a run leaves on disk, written atomically, read back to resume.
+
+    run.json                     identity of the run (config fingerprint) — resuming checks it
+    checkpoints/init.pt          the initial weights (state_dict)
+    checkpoints/rewind.pt        the rewind point, when it is not the initialisation
+    levels/level_NN/masks.pt     bool masks of the level
+    levels/level_NN/weights.pt   the level's trained weights
+    levels/level_NN/result.json  the level's row and per-epoch history — written last: its
+                                 presence is what marks the level finished
+
+Every file goes through a temporary file and ``os.replace``, so a crash never leaves a half
+file that looks finished. Tensors load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_tensors(path: Path) -> dict[str, Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class RunDirectory:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    # ------------------------------------------------------------------ identity
+    def claim(self, identity: dict[str, Any], resume: bool) -> None:
+        """Start a new run here, or check that what is here is the same run (to resume it)."""
+        marker = self.path / "run.json"
+        if marker.is_file() and not resume:
+            for child in ("run.json", "checkpoints", "levels", "levels.csv", "levels.json"):
+                target = self.path / child
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        elif marker.is_file():
+            previous = json.loads(marker.read_text())["identity"]
+            if previous != identity:
+                changed = sorted(k for k in previous.keys() | identity.keys() if previous.get(k) != identity.get(k))
+                raise ConfigError(
+                    f"{self.path} holds a different run (changed: {', '.join(changed)}); choose another "
+                    "directory (hydra.run.dir=...) or pass resume=false to start this one over"
+                )
+            return
+        atomic_write_text(marker, json.dumps({"identity": identity}, indent=2, sort_keys=True))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self, name: str) -> Path:
+        return self.path / "checkpoints" / f"{name}.pt"
+
+    def save_checkpoint(self, name: str, state: dict[str, Tensor]) -> None:
+        atomic_save({k: v.detach().cpu() for k, v in state.items()}, self._checkpoint(name))
+
+    def load_checkpoint(self, name: str) -> dict[str, Tensor] | None:
+        path = self._checkpoint(name)
+        return load_tensors(path) if path.is_file() else None
+
+    # ------------------------------------------------------------------ levels
+    def level_dir(self, level: int) -> Path:
+        return self.path / "levels" / f"level_{level:02d}"
+
+    def save_level(self, level: int, masks: dict[str, Tensor], weights: dict[str, Tensor], record: dict) -> None:
+        directory = self.level_dir(level)
+        atomic_save({k: v.cpu() for k, v in masks.items()}, directory / "masks.pt")
+        atomic_save({k: v.detach().cpu() for k, v in weights.items()}, directory / "weights.pt")
+        atomic_write_text(directory / "result.json", json.dumps(record, indent=2))
+
+    def finished_levels(self) -> list[dict]:
+        """Records of the levels finished so far, 0, 1, ... without gaps."""
+        records = []
+        while (file := self.level_dir(len(records)) / "result.json").is_file():
+            records.append(json.loads(file.read_text()))
+        return records
+
+    def load_level(self, level: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        directory = self.level_dir(level)
+        if not (directory / "weights.pt").is_file():
+            raise ConfigError(
+                f"{directory} has no weights.pt to resume from (save.weights=none?); pass resume=false to start over"
+            )
+        return load_tensors(directory / "masks.pt"), load_tensors(directory / "weights.pt")
+
+    def drop_weights(self, level: int) -> None:
+        """Free the disk space of a level's weights once a later level exists (save.weights=last)."""
+        (self.level_dir(level) / "weights.pt").unlink(missing_ok=True)

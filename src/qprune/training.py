@@ -1,0 +1,166 @@
+"""Training one level: the optimizer, the (eager, reference) training loop and evaluation.
+
+Pruned weights stay exactly zero without touching the weights after each step: their
+gradients are masked before the optimizer step, and the optimizer state is fresh at every
+level, so Adam's and SGD's moments at pruned positions stay zero and the update there is
+exactly zero. Metrics accumulate on the device and are read once per epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data import DeviceData, Split
+from .errors import ConfigError
+from .pruning import Masks
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    optimizer: str = "adam"
+    lr: float = 1.2e-3
+    batch_size: int = 60
+    epochs: int = 40
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    max_steps: int | None = None   # stop a level after this many steps (smoke tests, quick looks)
+    drop_last: bool = False        # drop the last partial batch of each epoch
+    eval_batch_size: int = 1000
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        for key in ("batch_size", "epochs", "eval_batch_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"train.{key} must be a positive integer, got {value}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps <= 0):
+            raise ConfigError(f"train.max_steps must be a positive integer or null, got {self.max_steps}")
+
+    def steps_per_epoch(self, n_train: int) -> int:
+        full, partial = divmod(n_train, self.batch_size)
+        return full + (1 if partial and not self.drop_last else 0)
+
+
+@dataclass
+class EpochStats:
+    epoch: int           # 1-based
+    step: int            # optimizer steps so far in this level
+    train_loss: float
+    test_acc: float      # percent
+    val_acc: float | None
+    seconds: float       # training time so far in this level (evaluation excluded)
+
+
+@dataclass
+class LevelTraining:
+    epochs: list[EpochStats] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+
+    @property
+    def test_acc(self) -> float:
+        return self.epochs[-1].test_acc
+
+    @property
+    def best_val_acc(self) -> float | None:
+        vals = [e.val_acc for e in self.epochs if e.val_acc is not None]
+        return max(vals) if vals else None
+
+
+class Observer:
+    """Hooks the level runner passes in (progress bars, rewind snapshots); all optional."""
+
+    def on_epoch_start(self, epoch: int, steps: int) -> None: ...
+    def on_step(self, step: int) -> None: ...
+    def on_epoch_end(self, stats: EpochStats) -> None: ...
+
+
+def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    params = list(model.parameters())
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DeviceData, split: Split, batch_size: int = 1000) -> float:
+    """Accuracy in percent; one host sync at the end."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=data.device)
+    for x, y in data.batches(split, batch_size):
+        correct += (model(x).argmax(1) == y).sum()
+    model.train(was_training)
+    return 100.0 * correct.item() / len(split)
+
+
+def train_level(
+    model: nn.Module, data: DeviceData, masks: Masks, settings: TrainSettings,
+    generator: torch.Generator, observer: Observer | None = None, optimizer: torch.optim.Optimizer | None = None,
+) -> LevelTraining:
+    """Train ``model`` from its current weights, keeping ``masks`` applied.
+
+    A fresh optimizer unless one is passed in (a protocol that keeps the optimizer state
+    across pruning rounds passes the same one again).
+    """
+    observer = observer or Observer()
+    optimizer = optimizer or make_optimizer(model, settings)
+    masked_params, float_masks = masks.parameters_of(model)
+    steps_per_epoch = settings.steps_per_epoch(len(data.train))
+    result, step, seconds = LevelTraining(), 0, 0.0
+    model.train()
+    for epoch in range(1, settings.epochs + 1):
+        observer.on_epoch_start(epoch, steps_per_epoch)
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), device=data.device)
+        seen = 0
+        for x, y in data.batches(data.train, settings.batch_size, generator, settings.drop_last):
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=False)
+            loss.backward()
+            _mask_gradients(masked_params, float_masks)
+            optimizer.step()
+            loss_sum += loss.detach() * y.shape[0]
+            seen += y.shape[0]
+            step += 1
+            observer.on_step(step)
+            if settings.max_steps is not None and step >= settings.max_steps:
+                break
+        seconds += _elapsed(start, data.device)
+        stats = EpochStats(
+            epoch, step, (loss_sum / max(seen, 1)).item(),
+            evaluate(model, data, data.test, settings.eval_batch_size),
+            evaluate(model, data, data.val, settings.eval_batch_size) if data.val is not None else None,
+            seconds,
+        )
+        result.epochs.append(stats)
+        observer.on_epoch_end(stats)
+        if settings.max_steps is not None and step >= settings.max_steps:
+            break
+    result.steps, result.seconds = step, seconds
+    return result
+
+
+def _mask_gradients(params: list[Tensor], masks: list[Tensor]) -> None:
+    grads = [p.grad for p in params]
+    if grads:
+        torch._foreach_mul_(grads, masks)
+
+
+def _elapsed(start: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
