@@ -156,3 +156,16 @@ def test_model_defaults_follow_the_original_study():
         s = Settings.from_config(cfg)
         assert (s.dataset.name, s.train.lr, s.train.epochs, s.train.batch_size, s.train.optimizer) == (dataset, lr, epochs, 60, "adam")
         assert (s.prune.rate, s.prune.levels, s.prune.scope, s.prune.rewind) == (0.2, 20, "global", "init")
+
+
+def test_rewind_to_a_step_of_level_zero(data_root, cache_dir, tmp_path):
+    base = ["model=lenet_300_100", "algebra=real3", "train.epochs=1", "progress=none", "data.test_size=500"]
+    run_qprune([*base, "train.max_steps=40", "prune.levels=1", "prune.rewind=15it", f"hydra.run.dir={tmp_path / 'r'}"],
+               data_root, cache_dir, tmp_path)
+    rewind = torch.load(tmp_path / "r/checkpoints/rewind.pt", weights_only=True)
+    init = torch.load(tmp_path / "r/checkpoints/init.pt", weights_only=True)
+    # the rewind point is the level-0 weights after exactly 15 steps: a 15-step run ends there
+    run_qprune([*base, "train.max_steps=15", "prune.levels=0", f"hydra.run.dir={tmp_path / 's'}"], data_root, cache_dir, tmp_path)
+    after_15 = torch.load(tmp_path / "s/levels/level_00/weights.pt", weights_only=True)
+    assert all(torch.equal(rewind[k], after_15[k]) for k in rewind)
+    assert not all(torch.equal(rewind[k], init[k]) for k in rewind)
