@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,53 @@ def plot_accuracy_vs_sparsity(rows: Sequence[dict], path: Path, title: str) -> N
     fig.savefig(buffer, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+@dataclass
+class RunInfo:
+    """What loggers know about a run when it starts."""
+
+    run_dir: Path
+    name: str            # readable: model-algebra-rate-seed
+    title: str           # for plots
+    config: dict         # the resolved config
+    counts: dict         # params_total, params_dense_real, prunable_total
+    data_source: str
+
+
+class RunLogger:
+    """A destination for a run's results. The runner calls these hooks; all are optional.
+
+    ``level_info`` carries the level's ``prunable_remaining`` and ``pct_of_real`` (known before
+    training), ``record`` is what ``levels/level_NN/result.json`` holds: ``row`` and ``epochs``.
+    ``finish`` is always called, with the exception when the run failed.
+    """
+
+    def start(self, info: RunInfo, finished: list[dict]) -> None: ...
+    def epoch(self, level: int, stats: EpochStats, level_info: dict) -> None: ...
+    def level(self, record: dict, records: list[dict]) -> None: ...
+    def finish(self, records: list[dict], error: BaseException | None) -> None: ...
+
+
+class LocalFiles(RunLogger):
+    """levels.csv, levels.json and accuracy_vs_sparsity.png in the run directory, after every level."""
+
+    def start(self, info: RunInfo, finished: list[dict]) -> None:
+        self.info = info
+
+    def level(self, record: dict, records: list[dict]) -> None:
+        self.write(records)
+
+    def finish(self, records: list[dict], error: BaseException | None) -> None:
+        if records:
+            self.write(records)
+
+    def write(self, records: list[dict]) -> None:
+        info, rows = self.info, [r["row"] for r in records]
+        write_levels_csv(rows, info.run_dir / "levels.csv")
+        extra = {"data_source": info.data_source, **info.counts, "epochs": {r["row"]["level"]: r["epochs"] for r in records}}
+        write_levels_json(rows, info.config, extra, info.run_dir / "levels.json")
+        plot_accuracy_vs_sparsity(rows, info.run_dir / "accuracy_vs_sparsity.png", info.title)
 
 
 PERCENT_TICKS = tuple(m * 10.0**e for e in range(-3, 3) for m in (1, 2, 2.5, 5))
