@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from qprune.cli import config_dir
 from qprune.errors import ConfigError
 from qprune.settings import Settings
+from qprune.store import RunDirectory
 
 QUICK = ["model=lenet_300_100", "algebra=quat", "train.epochs=1", "train.max_steps=100", "prune.levels=2", "progress=none"]
 
@@ -59,7 +60,7 @@ def test_quick_run_writes_sensible_levels(quick_run):
         assert int(r["steps"]) == 100 and r["best_val_acc"] == ""
     for name in ("levels.json", "accuracy_vs_sparsity.png", "checkpoints/init.pt", "levels/level_02/masks.pt", "levels/level_02/weights.pt"):
         assert (run_dir / name).is_file(), name
-    masks = torch.load(run_dir / "levels/level_02/masks.pt", weights_only=True)
+    masks = RunDirectory(run_dir).load_masks(2)
     weights = torch.load(run_dir / "levels/level_02/weights.pt", weights_only=True)
     assert all(m.dtype == torch.bool for m in masks.values())
     assert all((weights[n][~m] == 0).all() for n, m in masks.items())

@@ -3,7 +3,7 @@
     run.json                     identity of the run (config fingerprint) — resuming checks it
     checkpoints/init.pt          the initial weights (state_dict)
     checkpoints/rewind.pt        the rewind point, when it is not the initialisation
-    levels/level_NN/masks.pt     bool masks of the level
+    levels/level_NN/masks.pt     the level's masks, packed 8 per byte (``pack_masks``)
     levels/level_NN/weights.pt   the level's trained weights
     levels/level_NN/result.json  the level's row and per-epoch history — written last: its
                                  presence is what marks the level finished
@@ -48,6 +48,31 @@ def load_tensors(path: Path) -> dict[str, Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_masks(masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Bool masks -> 1 bit per weight (``<name>`` packed uint8, ``<name>.shape``): an 8x smaller run directory."""
+    packed = {}
+    for name, mask in masks.items():
+        flat = mask.detach().cpu().flatten()
+        flat = torch.cat((flat, flat.new_zeros((-flat.numel()) % 8)))
+        packed[name] = (flat.view(-1, 8).to(torch.uint8) * _BIT_WEIGHTS).sum(1, dtype=torch.uint8)
+        packed[f"{name}.shape"] = torch.tensor(mask.shape, dtype=torch.long)
+    return packed
+
+
+def unpack_masks(packed: dict[str, Tensor]) -> dict[str, Tensor]:
+    masks = {}
+    for name, bits in packed.items():
+        if name.endswith(".shape"):
+            continue
+        shape = torch.Size(packed[f"{name}.shape"].tolist())
+        flat = (bits.view(-1, 1) & _BIT_WEIGHTS).ne(0).flatten()
+        masks[name] = flat[: shape.numel()].view(shape)
+    return masks
+
+
 class RunDirectory:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -88,7 +113,7 @@ class RunDirectory:
 
     def save_level(self, level: int, masks: dict[str, Tensor], weights: dict[str, Tensor], record: dict) -> None:
         directory = self.level_dir(level)
-        atomic_save({k: v.cpu() for k, v in masks.items()}, directory / "masks.pt")
+        atomic_save(pack_masks(masks), directory / "masks.pt")
         atomic_save({k: v.detach().cpu() for k, v in weights.items()}, directory / "weights.pt")
         atomic_write_text(directory / "result.json", json.dumps(record, indent=2))
 
@@ -105,7 +130,10 @@ class RunDirectory:
             raise ConfigError(
                 f"{directory} has no weights.pt to resume from (save.weights=none?); pass resume=false to start over"
             )
-        return load_tensors(directory / "masks.pt"), load_tensors(directory / "weights.pt")
+        return self.load_masks(level), load_tensors(directory / "weights.pt")
+
+    def load_masks(self, level: int) -> dict[str, Tensor]:
+        return unpack_masks(load_tensors(self.level_dir(level) / "masks.pt"))
 
     def drop_weights(self, level: int) -> None:
         """Free the disk space of a level's weights once a later level exists (save.weights=last)."""
