@@ -114,3 +114,17 @@ def test_pruned_weights_stay_zero_and_get_no_optimizer_state(mnist, optimizer):
         for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
             if key in state:
                 assert (state[key][~mask] == 0).all(), f"{optimizer} {key} moved at pruned positions of {name}"
+
+
+def test_random_masks_keep_each_layers_sparsity_but_not_its_pattern():
+    from qprune.pruning import random_masks_like
+
+    torch.manual_seed(0)
+    model = build_model("conv2", "quat")
+    _, history = _rounds(model, PruneSettings(rate=0.2), 3)
+    ticket = history[3]
+    random = random_masks_like(ticket, torch.Generator().manual_seed(5))
+    for name, mask in ticket.items():
+        assert random[name].sum() == mask.sum(), name
+        overlap = (random[name] & mask).sum().item() / mask.sum().item()
+        assert abs(overlap - mask.float().mean().item()) < 0.05, "random masks overlap the ticket only by chance"

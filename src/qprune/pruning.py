@@ -170,3 +170,15 @@ def _prune_pool(params, masks: Masks, pool: list[PrunableWeight], rate: float, q
         else:
             result[w.name] = unit_keep.view(shape)
     return result
+
+
+@torch.no_grad()
+def random_masks_like(masks: Masks, generator: torch.Generator) -> Masks:
+    """Random masks with the same number of kept weights in every layer (the random-pruning baseline)."""
+    out = {}
+    for name, mask in masks.items():
+        scores = torch.rand(mask.shape, generator=generator, device=generator.device).to(mask.device)
+        keep = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+        keep[torch.topk(scores.flatten(), int(mask.sum())).indices] = True
+        out[name] = keep.view(mask.shape)
+    return Masks(out)
