@@ -103,14 +103,15 @@ def test_eval_mode_uses_the_running_statistics(mode):
     torch.testing.assert_close(bn.running_mean.view(4, C).t(), qa.mean(1))
     centred = qa - qa.mean(1, keepdim=True)
     if mode == "norm":
-        torch.testing.assert_close(bn.running_var, centred.pow(2).sum((1, 2)) / (m - 1))  # unbiased
+        # the mean component variance E|q - μ|²/4, unbiased over the 4m pooled samples
+        torch.testing.assert_close(bn.running_var, centred.pow(2).sum((1, 2)) / (4 * m - 1))
     else:
         torch.testing.assert_close(bn.running_cov, centred.transpose(1, 2) @ centred / (m - 1))
     evaluated = bn.eval()(b)  # b normalised with a's statistics
     if mode == "norm":
         qb = quaternions(b)
         mu, v = bn.running_mean.view(4, C).t(), bn.running_var
-        expected = channels((qb - mu[None, :, None, None]) / (v + bn.eps).sqrt()[None, :, None, None, None])
+        expected = channels((qb - mu[None, :, None, None]) / (4 * v + bn.eps).sqrt()[None, :, None, None, None])
     else:
         lower = torch.linalg.cholesky(bn.running_cov + bn.eps * torch.eye(4, dtype=torch.float64))
         qb = quaternions(b) - bn.running_mean.view(4, C).t()[None, :, None, None]

@@ -10,7 +10,8 @@ batch and the image (M = N·H·W samples of a 4-vector q):
     In training mode (γ = 1, β = 0) the output has mean 0 and E|y|² = 1, so each component has
     variance 1/4 on average. Computed as a per-component centring plus torch's own batch norm
     on the centred tensor with the four components pooled as samples of one channel (their pooled
-    variance is v/4), so the heavy lifting is one fused kernel forward and one backward.
+    variance is v/4, which is what ``running_var`` tracks), so the heavy lifting is one fused
+    kernel forward and one backward, and eval mode is a single fused kernel.
 
 ``whiten`` (full 4×4 whitening, Trabelsi-style for quaternions)
     mean μ, covariance Σ = E[(q − μ)(q − μ)ᵀ] + eps·I (eps makes the rank-3 covariance of an
@@ -64,7 +65,9 @@ class QBatchNorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         if mode == "norm":
             self.weight = nn.Parameter(torch.ones(c))                     # γ, one per quaternion channel
-            self.register_buffer("running_var", torch.ones(c))           # E|q - μ|²
+            self.register_buffer("running_var", torch.ones(c))           # E|q - μ|²/4, the mean component variance
+            # the pooled view's mean, which torch's batch norm tracks too: 0 by construction, not kept
+            self.register_buffer("_pooled_mean", torch.zeros(c), persistent=False)
         else:
             self.weight = nn.Parameter(torch.eye(4).repeat(c, 1, 1))      # Γ, a 4x4 matrix per channel
             self.register_buffer("running_cov", torch.eye(4).repeat(c, 1, 1))
@@ -77,22 +80,19 @@ class QBatchNorm2d(nn.Module):
     def _norm(self, x: Tensor) -> Tensor:
         n, _, h, w = x.shape
         c = self.quaternions
-        if not self.training:
-            # (x - μ)·γ/sqrt(v + eps) + β per real channel: torch's fused eval-mode kernel.
-            return F.batch_norm(x, self.running_mean, self.running_var.repeat(4), self.weight.repeat(4),
-                                self.bias, False, 0.0, self.eps)
-        q = x.reshape(n, 4, c, h, w)
-        var, mean = torch.var_mean(q, dim=(0, 3, 4), keepdim=True, correction=0)
-        # The four components of a channel pooled as 4N samples: their pooled variance is v/4,
-        # so γ/2 and eps/4 give γ(q - μ)/sqrt(v + eps).
-        pooled = (q - mean).view(n * 4, c, h, w)
-        y = F.batch_norm(pooled, None, None, self.weight * 0.5, None, True, 0.0, self.eps / 4)
-        y = y.view(n, 4, c, h, w) + self.bias.view(1, 4, c, 1, 1)
+        # With the four components of a channel pooled as 4N samples of one channel, their pooled
+        # variance is v/4, so scale γ/2 and eps/4 give γ(q - μ)/sqrt(v + eps).
+        half_weight = self.weight * 0.5
+        if not self.training:  # one fused kernel per real channel: (x - μ)·(γ/2)/sqrt(v/4 + eps/4) + β
+            return F.batch_norm(x, self.running_mean, self.running_var.repeat(4), half_weight.repeat(4),
+                                self.bias, False, 0.0, self.eps / 4)
+        mean = x.mean(dim=(0, 2, 3))
         with torch.no_grad():
-            m = n * h * w
-            self.running_mean.lerp_(mean.flatten(), self.momentum)
-            self.running_var.lerp_(var.sum(1).flatten() * (m / max(m - 1, 1)), self.momentum)
-        return y.view(n, 4 * c, h, w)
+            self.running_mean.lerp_(mean, self.momentum)
+        pooled = (x - mean[:, None, None]).reshape(n * 4, c, h, w)
+        # torch's batch norm on the pooled view; it updates running_var (unbiased) in the same kernel
+        y = F.batch_norm(pooled, self._pooled_mean, self.running_var, half_weight, None, True, self.momentum, self.eps / 4)
+        return y.reshape(n, 4 * c, h, w) + self.bias[:, None, None]
 
     def _whiten(self, x: Tensor) -> Tensor:
         n, _, h, w = x.shape
