@@ -16,7 +16,7 @@ batch and the image (M = N·H·W samples of a 4-vector q):
 ``whiten`` (full 4×4 whitening, Trabelsi-style for quaternions)
     mean μ, covariance Σ = E[(q − μ)(q − μ)ᵀ] + eps·I (eps makes the rank-3 covariance of an
     [R, G, B, gray] input invertible), its Cholesky factor Σ = L Lᵀ, and z = L⁻¹(q − μ), whose
-    covariance is exactly I. A learnable 4×4 scale Γ (identity at init) and a shift β:
+    covariance is the identity (up to eps). A learnable 4×4 scale Γ (identity at init) and a shift β:
     y = Γ z + β. The 4×4 algebra runs batched on the device (``cholesky_ex`` without its error
     check, a triangular solve): no host syncs. The per-channel 4×4 map is applied as one 1×1
     conv with a block weight (dense over channels but zero off the diagonal blocks: 1/9 of a
@@ -45,6 +45,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 QBN_MODES = ("norm", "whiten")
+
+
+class _Centre(torch.autograd.Function):
+    """(x − its mean per channel over batch and image, the mean). Centring is a symmetric
+    projection, so its backward centres the gradient: two full-size ops instead of autograd's four
+    (neg, sum, an expanded division, add)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        ctx.mark_non_differentiable(mean)
+        return x - mean, mean
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_mean: Tensor) -> Tensor:
+        return grad - grad.mean(dim=(0, 2, 3), keepdim=True)
 
 
 class QBatchNorm2d(nn.Module):
@@ -86,10 +102,10 @@ class QBatchNorm2d(nn.Module):
         if not self.training:  # one fused kernel per real channel: (x - μ)·(γ/2)/sqrt(v/4 + eps/4) + β
             return F.batch_norm(x, self.running_mean, self.running_var.repeat(4), half_weight.repeat(4),
                                 self.bias, False, 0.0, self.eps / 4)
-        mean = x.mean(dim=(0, 2, 3))
+        centred, mean = _Centre.apply(x)
         with torch.no_grad():
-            self.running_mean.lerp_(mean, self.momentum)
-        pooled = (x - mean[:, None, None]).reshape(n * 4, c, h, w)
+            self.running_mean.lerp_(mean.flatten(), self.momentum)
+        pooled = centred.reshape(n * 4, c, h, w)
         # torch's batch norm on the pooled view; it updates running_var (unbiased) in the same kernel
         y = F.batch_norm(pooled, self._pooled_mean, self.running_var, half_weight, None, True, self.momentum, self.eps / 4)
         return y.reshape(n, 4 * c, h, w) + self.bias[:, None, None]
@@ -99,9 +115,8 @@ class QBatchNorm2d(nn.Module):
         c = self.quaternions
         if self.training:
             m = n * h * w
-            q = x.reshape(n, 4, c, h, w)
-            mean = q.mean(dim=(0, 3, 4))                                              # (4, C)
-            centred = (q - mean[None, :, :, None, None]).permute(2, 1, 0, 3, 4).reshape(c, 4, m)
+            mean = x.mean(dim=(0, 2, 3)).view(4, c)
+            centred = (x - mean.view(-1, 1, 1)).reshape(n, 4, c, h, w).permute(2, 1, 0, 3, 4).reshape(c, 4, m)
             cov = centred @ centred.transpose(1, 2) / m                               # (C, 4, 4)
             with torch.no_grad():
                 self.running_mean.lerp_(mean.flatten(), self.momentum)
