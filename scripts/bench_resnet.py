@@ -7,8 +7,9 @@ A step is what the training loop does: forward, cross-entropy, backward, the gra
 foreach multiply) and the optimizer step (SGD with momentum and weight decay, as the ResNet recipe,
 or Adam). The input is a batch as ``DeviceData.model_input`` gives it (normalised; 4 channels for
 real4/quat). Warm-up steps are excluded; the time is the median of ``--repeats`` steps, each timed
-with CUDA events (GPU) or ``perf_counter`` (CPU). fp32 means TF32 off for matmuls and cuDNN convs
-(``--tf32`` turns it on). Prints a markdown table with each variant's ratio to real3.
+with CUDA events (GPU) or ``perf_counter`` (CPU), the variants taking turns step by step (a drift
+of a shared machine hits them alike). fp32 means TF32 off for matmuls and cuDNN convs (``--tf32``
+turns it on). Prints a markdown table with each variant's ratio to real3.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ VARIANTS = {
 }
 
 
-def time_steps(model_name: str, algebra: Algebra, args, device: torch.device) -> tuple[list[float], int]:
-    """Milliseconds of each timed training step, and the model's parameter count."""
+def training_step(model_name: str, algebra: Algebra, args, device: torch.device):
+    """A closure running one training step of a fresh model, and the model's parameter count."""
     torch.manual_seed(0)
     model = build_model(model_name, algebra, 10, (3, args.image, args.image)).to(device).train()
     optimizer = make_optimizer(model, TrainSettings(optimizer=args.optimizer, lr=0.01, weight_decay=1e-4))
@@ -50,24 +51,30 @@ def time_steps(model_name: str, algebra: Algebra, args, device: torch.device) ->
         torch._foreach_mul_([p.grad for p in params], masks)
         optimizer.step()
 
-    for _ in range(args.warmup):
-        step()
-    times = []
+    return step, count_parameters(model)
+
+
+def time_steps(steps: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Milliseconds per step; the variants take turns, so drifts of a shared machine hit them alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(args.repeats)]
-        for start, end in events:
-            start.record()
-            step()
-            end.record()
+        events = {name: [] for name in steps}
+        for _ in range(repeats):
+            for name, step in steps.items():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                events[name].append((start, end))
         torch.cuda.synchronize(device)
-        times = [start.elapsed_time(end) for start, end in events]
-    else:
-        for _ in range(args.repeats):
+        return {name: [s.elapsed_time(e) for s, e in pairs] for name, pairs in events.items()}
+    for _ in range(repeats):
+        for name, step in steps.items():
             start = time.perf_counter()
             step()
-            times.append(1000 * (time.perf_counter() - start))
-    return times, count_parameters(model)
+            times[name].append(1000 * (time.perf_counter() - start))
+    return times
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,10 +96,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.model} training step ({args.optimizer}), batch {args.batch}, {args.image}x{args.image}, "
           f"{'tf32' if args.tf32 else 'fp32'}, {where}, torch {torch.__version__}; "
           f"median of {args.repeats} after {args.warmup} warm-up steps\n")
-    rows = []
+    steps, params = {}, {}
     for name in args.variants:
-        times, params = time_steps(args.model, VARIANTS[name], args, device)
-        rows.append((name, params, statistics.median(times), min(times)))
+        steps[name], params[name] = training_step(args.model, VARIANTS[name], args, device)
+        for _ in range(args.warmup):
+            steps[name]()
+    times = time_steps(steps, args.repeats, device)
+    rows = [(name, params[name], statistics.median(times[name]), min(times[name])) for name in steps]
     base = next((median for name, _, median, _ in rows if name == "real3"), rows[0][2])
     print("| variant | parameters | ms/step (median) | ms/step (min) | × real3 |")
     print("| --- | ---: | ---: | ---: | ---: |")
