@@ -117,6 +117,7 @@ def test_resume_refuses_a_different_run_in_the_same_directory(quick_run, data_ro
     ("model.hidden=[300,102]", "model.hidden=102: a quaternion layer's width must be divisible by 4"),
     ("device=tpu", "device must be one of auto, cpu, cuda"),
     ("prune.rewind=sometime", "prune.rewind must be 'init'"),
+    ("algebra.qbn=zca", "algebra.qbn must be one of norm, whiten, got 'zca'"),
 ])
 def test_bad_configs_fail_with_the_key_named(override, message):
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -170,3 +171,27 @@ def test_rewind_to_a_step_of_level_zero(data_root, cache_dir, tmp_path):
     after_15 = torch.load(tmp_path / "s/levels/level_00/weights.pt", weights_only=True)
     assert all(torch.equal(rewind[k], after_15[k]) for k in rewind)
     assert not all(torch.equal(rewind[k], init[k]) for k in rewind)
+
+
+@pytest.mark.parametrize("model", ["resnet20", "resnet18", "mobilenet"])
+def test_batchnorm_models_default_to_the_resnet_recipe(model):
+    """The model config's `override /train: sgd` comes before its own train keys: SGD lr 0.01, momentum 0.9,
+    weight decay 1e-4, batch 128, 80 epochs; command-line choices still win."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        s = Settings.from_config(compose("config", overrides=[f"model={model}"]))
+        assert (s.dataset.name, s.algebra.name, s.algebra.qbn) == ("cifar10", "real3", "norm")
+        t = s.train
+        assert (t.optimizer, t.lr, t.momentum, t.weight_decay, t.batch_size, t.epochs) == ("sgd", 0.01, 0.9, 1e-4, 128, 80)
+        s = Settings.from_config(compose("config", overrides=[f"model={model}", "dataset=cifar100", "train=adam",
+                                                              "train.lr=0.001", "algebra=quat", "algebra.qbn=whiten"]))
+        assert (s.dataset.name, s.train.optimizer, s.train.lr, s.train.weight_decay, s.algebra.qbn) == ("cifar100", "adam", 0.001, 0.0, "whiten")
+
+
+def test_every_model_has_a_config():
+    from qprune.models import MODELS
+
+    assert {p.stem for p in (config_dir() / "model").glob("*.yaml")} == set(MODELS)
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        for name in MODELS:
+            s = Settings.from_config(compose("config", overrides=[f"model={name}"]))
+            assert s.model == name and set(s.model_options) == set(MODELS[name].options), name

@@ -4,7 +4,8 @@
 ``real4``: real layers on RGB plus a grayscale channel — the same input as ``quat``, so the
 fair real baseline. ``quat``: quaternion layers on [R, G, B, gray] read as one quaternion
 channel (real part R). Hidden widths are *real* widths in every algebra, so a quaternion model
-has a quarter of the parameters of its real twin.
+has a quarter of the parameters of its real twin. Batch norm is real batch norm per real channel,
+or quaternion batch norm (``qbn``: ``norm`` or ``whiten``, see :mod:`qprune.quaternion_norm`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from torch import Tensor, nn
 
 from .errors import ConfigError
 from .quaternion import QConv2d, QLinear
+from .quaternion_norm import QBN_MODES, QBatchNorm2d
 
 ALGEBRAS = ("real3", "real4", "quat")
 PIXEL_GROUPINGS = ("blocks", "adjacent")
+NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, QBatchNorm2d)  # what `batchnorm` builds, in any algebra
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class Algebra:
 
     name: str
     pixel_grouping: str = "blocks"
+    qbn: str = "norm"             # quaternion batch norm mode (quat only): norm | whiten
 
     def __post_init__(self):
         if self.name not in ALGEBRAS:
@@ -34,6 +38,8 @@ class Algebra:
             raise ConfigError(
                 f"algebra.pixel_grouping must be one of {', '.join(PIXEL_GROUPINGS)}, got {self.pixel_grouping!r}"
             )
+        if self.qbn not in QBN_MODES:
+            raise ConfigError(f"algebra.qbn must be one of {', '.join(QBN_MODES)}, got {self.qbn!r}")
 
     @property
     def quaternion(self) -> bool:
@@ -81,13 +87,31 @@ class Algebra:
         self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
         padding: int = 0, groups: int = 1, bias: bool = True,
     ) -> nn.Module:
-        """A conv; ``groups`` counts groups of *real* channels (a depthwise conv: groups=in_channels)."""
+        """A conv; ``groups`` counts groups of *real* channels, as in ``nn.Conv2d``.
+
+        In ``quat`` a depthwise conv (``groups=in_channels``) becomes one quaternion filter per
+        quaternion channel (``in_channels/4`` quaternion groups: each group maps the 4 components
+        of one channel to 4, so it has as many weights as the real depthwise conv); any other group
+        count keeps its number of groups, and so the real width of each group.
+        """
         if not self.quaternion:
             return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
         self.check_width(in_channels, "in_channels")
         self.check_width(out_channels, "out_channels")
-        q_groups = groups if groups == 1 else groups // 4
+        q_groups = in_channels // 4 if groups == in_channels else groups
+        if (in_channels // 4) % q_groups or (out_channels // 4) % q_groups:
+            raise ConfigError(
+                f"groups={groups}: a quaternion conv from {in_channels} to {out_channels} real channels needs "
+                f"groups dividing both quaternion counts ({in_channels // 4}, {out_channels // 4}) or groups=in_channels"
+            )
         return QConv2d(in_channels, out_channels, kernel_size, stride, padding, groups=q_groups, bias=bias)
+
+    def batchnorm(self, channels: int) -> nn.Module:
+        """Batch norm over ``channels`` real channels: per real channel, or per quaternion channel in ``quat``."""
+        if not self.quaternion:
+            return nn.BatchNorm2d(channels)
+        self.check_width(channels, "batch norm channels")
+        return QBatchNorm2d(channels, self.qbn)
 
     def output(self, in_features: int, num_classes: int) -> nn.Linear:
         """The classifier head is real in every algebra: classes need not be divisible by 4."""

@@ -1,7 +1,8 @@
 """Magnitude pruning: which weights are prunable, masks, and one pruning round.
 
 Prunable are the weights of conv and linear layers (real or quaternion); biases and norm
-layers never are. Each prunable weight has a layer type — ``conv``, ``fc`` or ``output`` (the
+layers never are, nor a layer a model marks with ``prunable = False`` (ResNet shortcuts with
+``model.prune_shortcuts=false``, whatever the algebra). Each prunable weight has a layer type — ``conv``, ``fc`` or ``output`` (the
 real classifier head) — so that rates can differ per type as in the lottery-ticket paper.
 A round removes ``rate`` of the *remaining* weights, ranked globally (all weights that share a
 rate in one pool) or per layer. Quaternion weights are ranked per component (r, i, j, k each on
@@ -60,10 +61,15 @@ class PrunableWeight:
 
 
 def prunable_weights(model: nn.Module, include_output: bool = True) -> list[PrunableWeight]:
-    """The prunable weights of a model, in module order; the model's ``output`` layer is typed ``output``."""
+    """The prunable weights of a model, in module order; the model's ``output`` layer is typed ``output``.
+
+    A module whose attribute ``prunable`` is False is left out (its weight stays dense).
+    """
     output = getattr(model, "output", None)
     found = []
     for name, module in model.named_modules():
+        if not getattr(module, "prunable", True):
+            continue
         if module is output:
             if include_output:
                 found.append(PrunableWeight(f"{name}.weight", "output", False))

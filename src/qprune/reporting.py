@@ -86,7 +86,7 @@ class RunInfo:
     name: str            # readable: model-algebra-rate-seed
     title: str           # for plots
     config: dict         # the resolved config
-    counts: dict         # params_total, params_dense_real, prunable_total
+    counts: dict         # models.parameter_counts: params by role, params_dense_real, pct_of_real
     data_source: str
 
 

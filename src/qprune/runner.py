@@ -20,7 +20,7 @@ from torch import nn
 
 from .data import load_data
 from .errors import ConfigError
-from .models import build_model, count_parameters, dense_real_parameters
+from .models import build_model, count_parameters, dense_real_parameters, parameter_counts
 from .pruning import Masks, prunable_weights, prune
 from .reporting import LocalFiles, ProgressObserver, RunInfo, RunLogger
 from .settings import Settings, run_identity
@@ -123,8 +123,7 @@ class LevelRunner:
         self.model = build_model(s.model, s.algebra, data.num_classes, data.image_shape, **s.model_options).to(device)
         self.weights = prunable_weights(self.model, s.prune.prune_output)
         self.dense_real = dense_real_parameters(s.model, data.num_classes, data.image_shape, **s.model_options)
-        self.counts = {"params_total": count_parameters(self.model), "params_dense_real": self.dense_real,
-                       "prunable_total": sum(self.model.get_parameter(w.name).numel() for w in self.weights)}
+        self.counts = parameter_counts(self.model, [w.name for w in self.weights], self.dense_real)
         log.info("model %s/%s: %d parameters (%.1f%% of the dense real model), %d prunable", s.model, s.algebra.name,
                  self.counts["params_total"], 100 * self.counts["params_total"] / self.dense_real, self.counts["prunable_total"])
         self.store.claim(run_identity(self.config), s.resume)
