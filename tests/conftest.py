@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import TINY, run_qprune
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("QPRUNE_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
@@ -14,6 +17,24 @@ DATA_ROOT = Path(os.environ.get("QPRUNE_TEST_DATA", REPO.parent / "shared" / "da
 
 def pytest_configure(config):
     torch.set_num_threads(min(torch.get_num_threads(), 2))
+    # W&B stays off unless a test asks for it (logger.mode=offline beats $WANDB_MODE), never goes
+    # online with a developer's key, and keeps its own files out of the home directory.
+    os.environ["WANDB_MODE"] = "disabled"
+    os.environ.pop("WANDB_API_KEY", None)
+    home = tempfile.mkdtemp(prefix="qprune-tests-wandb-")
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        os.environ[name] = os.path.join(home, name.lower())
+
+
+@pytest.fixture(scope="session")
+def basic_sweep(data_root, cache_dir, tmp_path_factory):
+    """A multirun with the basic launcher (all jobs in one process), 2 algebras x 2 seeds, with W&B
+    as a person without W&B credentials gets it: the default logger, offline."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    result = run_qprune(["-m", *TINY, "algebra=real3,quat", "seed=0,1"], data_root, cache_dir, cwd,
+                        WANDB_MODE=None, NETRC=str(cwd / "no-netrc"))
+    (sweep_dir,) = (cwd / "outputs" / "multirun").iterdir()
+    return sweep_dir, result
 
 
 @pytest.fixture(scope="session")

@@ -58,7 +58,7 @@ def test_quick_run_writes_sensible_levels(quick_run):
         assert float(r["pct_of_real"]) == pytest.approx(100 * int(r["params_nonzero"]) / 266_610, abs=1e-3)
         assert float(r["test_acc"]) > 80, "100 Adam steps on MNIST reach well above chance (10%)"
         assert int(r["steps"]) == 100 and r["best_val_acc"] == ""
-    for name in ("levels.json", "accuracy_vs_sparsity.png", "checkpoints/init.pt", "levels/level_02/masks.pt", "levels/level_02/weights.pt"):
+    for name in ("levels.json", "accuracy_vs_sparsity.png", "training_curves.png", "checkpoints/init.pt", "levels/level_02/masks.pt", "levels/level_02/weights.pt"):
         assert (run_dir / name).is_file(), name
     masks = RunDirectory(run_dir).load_masks(2)
     weights = torch.load(run_dir / "levels/level_02/weights.pt", weights_only=True)

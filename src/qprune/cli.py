@@ -14,9 +14,11 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import QpruneError
+from .errors import ConfigError, QpruneError
+from .reporting import RunLogger
 from .settings import Settings, run_identity
 
 log = logging.getLogger("qprune")
@@ -40,18 +42,44 @@ def run_id(*, _root_: DictConfig) -> str:
 
 OmegaConf.register_new_resolver("qprune.run_id", run_id, replace=True)
 
+LOGGER_BACKENDS = ("wandb", "csv")
+
+
+def default_group(hydra_cfg: DictConfig) -> str | None:
+    """W&B group: the multirun's directory name (every job of a sweep in one group), else the experiment's name."""
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return Path(str(hydra_cfg.sweep.dir)).name
+    return hydra_cfg.runtime.choices.get("experiment")
+
+
+def make_loggers(logger: dict | None, group: str | None) -> list[RunLogger]:
+    """The ``logger`` config group's destinations, besides the local files (always written)."""
+    backend = (logger or {}).get("backend", "csv")
+    if backend == "csv":
+        return []
+    if backend == "wandb":
+        from .wandb_logger import WandbLogger, WandbSettings
+
+        return [WandbLogger(WandbSettings.from_config(logger), group)]
+    raise ConfigError(f"logger.backend must be one of {', '.join(LOGGER_BACKENDS)}, got {backend!r}")
+
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _main(cfg: DictConfig) -> None:
     from .runner import LevelRunner  # after Hydra has set up logging
 
+    hydra_cfg = HydraConfig.get()
     try:
         settings = Settings.from_config(cfg)
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        LevelRunner(settings, run_dir, OmegaConf.to_container(cfg, resolve=True)).run()
+        config = OmegaConf.to_container(cfg, resolve=True)
+        loggers = make_loggers(config.get("logger"), default_group(hydra_cfg))
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        LevelRunner(settings, run_dir, config, loggers).run()
         log.info("results in %s", run_dir)
     except QpruneError as exc:
         print(f"qprune: error: {exc}", file=sys.stderr)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # Hydra records the failed job, runs the others and reports it at the end
         sys.exit(2)
 
 

@@ -1,4 +1,4 @@
-"""What a person sees: the levels table (CSV/JSON), the accuracy-vs-sparsity plot, progress.
+"""What a person sees: the levels table (CSV/JSON), the accuracy-vs-sparsity and training plots, progress.
 
 ``pct_of_real`` — unpruned parameters as a percentage of the dense ``real3`` model's — is the
 x-axis on which real and quaternion models are compared: a dense quaternion model already
@@ -54,14 +54,27 @@ def write_levels_json(rows: Sequence[dict], config: dict, extra: dict, path: Pat
     atomic_write_text(path, json.dumps({**extra, "config": config, "levels": list(rows)}, indent=2))
 
 
-def plot_accuracy_vs_sparsity(rows: Sequence[dict], path: Path, title: str) -> None:
-    """Test accuracy against % of the real model's parameters (log x-axis, sparser to the right)."""
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """PNG through an atomic write (a half-written plot never replaces a good one)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    pyplot().close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_accuracy_vs_sparsity(rows: Sequence[dict], path: Path, title: str) -> None:
+    """Test accuracy against % of the real model's parameters (log x-axis, sparser to the right)."""
+    fig, ax = pyplot().subplots(figsize=(6, 4), dpi=120)
     x = [r["pct_of_real"] for r in rows]
     y = [r["test_acc"] for r in rows]
     ax.plot(x, y, marker="o")
@@ -72,10 +85,37 @@ def plot_accuracy_vs_sparsity(rows: Sequence[dict], path: Path, title: str) -> N
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(fig, path)
+
+
+def training_curves_figure(records: Sequence[dict], title: str):
+    """Test accuracy against epoch, one curve per level (colour: level; legend: % of real parameters).
+
+    Shows whether a level had converged: a curve still rising at its last epoch means the
+    level's accuracy (the last epoch's) understates what the sparse network can do.
+    """
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    cmap = plt.get_cmap("viridis")
+    last = max(1, len(records) - 1)
+    for record in records:
+        row, epochs = record["row"], record["epochs"]
+        ax.plot([e["epoch"] for e in epochs], [e["test_acc"] for e in epochs], marker="o" if len(epochs) < 8 else None,
+                markersize=3, color=cmap(row["level"] / last), label=f"{row['level']}: {row['pct_of_real']:.3g}%")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="level: % of real", fontsize=6, title_fontsize=7, ncol=1 + len(records) // 11, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(records: Sequence[dict], path: Path, title: str) -> None:
+    save_figure(training_curves_figure(records, title), path)
 
 
 @dataclass
@@ -88,6 +128,7 @@ class RunInfo:
     config: dict         # the resolved config
     counts: dict         # models.parameter_counts: params by role, params_dense_real, pct_of_real
     data_source: str
+    levels: int | None = None   # how many levels the run is to have (None: not known)
 
 
 class RunLogger:
@@ -105,7 +146,8 @@ class RunLogger:
 
 
 class LocalFiles(RunLogger):
-    """levels.csv, levels.json and accuracy_vs_sparsity.png in the run directory, after every level."""
+    """levels.csv, levels.json, accuracy_vs_sparsity.png and training_curves.png in the run
+    directory, after every level."""
 
     def start(self, info: RunInfo, finished: list[dict]) -> None:
         self.info = info
@@ -123,6 +165,7 @@ class LocalFiles(RunLogger):
         extra = {"data_source": info.data_source, **info.counts, "epochs": {r["row"]["level"]: r["epochs"] for r in records}}
         write_levels_json(rows, info.config, extra, info.run_dir / "levels.json")
         plot_accuracy_vs_sparsity(rows, info.run_dir / "accuracy_vs_sparsity.png", info.title)
+        plot_training_curves(records, info.run_dir / "training_curves.png", info.title)
 
 
 PERCENT_TICKS = tuple(m * 10.0**e for e in range(-3, 3) for m in (1, 2, 2.5, 5))

@@ -95,7 +95,7 @@ class LevelRunner:
         if len(records) > s.prune.levels:
             log.info("all %d levels are finished already", s.prune.levels + 1)
         title = f"{s.model} / {s.algebra.name} / {s.dataset.name} (seed {s.seed})"
-        info = RunInfo(self.run_dir, run_name(s), title, self.config, self.counts, self.data.source)
+        info = RunInfo(self.run_dir, run_name(s), title, self.config, self.counts, self.data.source, s.prune.levels + 1)
         for logger in self.loggers:
             logger.start(info, records)
         error = None

@@ -1,0 +1,347 @@
+"""A sweep's results in one table and one figure: every run's levels, and mean ± std over seeds.
+
+Runs are found by their ``levels.csv`` anywhere under the given folders (a Hydra multirun's
+job directories, or several runs per job); each run's resolved config comes from the
+``levels.json`` beside it. Runs whose identity differs only in ``seed`` form one curve; the
+curves are told apart by the identity keys that differ between them (the algebra, the model,
+a pruning rate...). Written into the output folder:
+
+    sweep.csv                  every run's levels.csv rows, with the run's folder and config keys
+    sweep_mean.csv             per curve and level: runs, mean % of real parameters, test accuracy mean/std
+    accuracy_vs_sparsity.png   test accuracy against % of the real model's parameters, mean ± std bands
+
+Used at the end of a multirun (``AggregateSweep``, a Hydra callback in conf/config.yaml) and
+by ``scripts/aggregate.py DIR...`` for finished sweeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import DataError, QpruneError
+from .reporting import LEVEL_COLUMNS, pyplot, percent_of_real_axis, read_levels_csv, save_figure
+from .settings import flatten, run_identity
+from .store import atomic_write_text
+
+log = logging.getLogger("qprune")
+
+RUN_KEYS = ("model.name", "algebra.name", "dataset.name")   # always columns of the tables
+ALGEBRA_ORDER = ("real3", "real4", "quat")
+MEAN_COLUMNS = ("level", "runs", "prunable_remaining", "pct_of_real", "test_acc_mean", "test_acc_std",
+                "best_val_acc_mean", "best_val_acc_std")
+
+
+@dataclass
+class SweepRun:
+    path: Path
+    config: dict
+    rows: list[dict]
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return run_identity(self.config)
+
+
+@dataclass
+class Curve:
+    """Runs that differ only in their seed, and their per-level mean and std."""
+
+    key: dict[str, Any]            # RUN_KEYS and the identity keys shown to tell curves apart
+    label: str
+    runs: list[SweepRun]
+    points: list[dict] = field(default_factory=list)
+
+
+def find_runs(roots: Sequence[Path]) -> list[SweepRun]:
+    """Every finished-or-partial run (a levels.csv with its levels.json) under ``roots``."""
+    runs: dict[str, SweepRun] = {}
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"{root} is not a folder: pass the sweep's folder (outputs/multirun/<date>)")
+        for csv_path in sorted(root.rglob("levels.csv")):
+            json_path = csv_path.with_name("levels.json")
+            if not json_path.is_file():
+                log.warning("skipping %s: no levels.json beside it (the run's config)", csv_path.parent)
+                continue
+            run = SweepRun(csv_path.parent, json.loads(json_path.read_text())["config"], read_levels_csv(csv_path))
+            if not run.rows:
+                continue
+            # the same run twice (a folder given twice, a copy): keep the one with more levels
+            fingerprint = json.dumps(run.identity, sort_keys=True, default=str)
+            if fingerprint in runs:
+                kept = max(runs[fingerprint], run, key=lambda r: len(r.rows))
+                log.warning("%s and %s are the same run; using %s", runs[fingerprint].path, run.path, kept.path)
+                run = kept
+            runs[fingerprint] = run
+    if not runs:
+        raise DataError(f"no runs (levels.csv with levels.json) under {', '.join(map(str, roots))}")
+    return list(runs.values())
+
+
+def curve_keys(runs: Sequence[SweepRun]) -> tuple[list[str], list[str]]:
+    """(varying, shown): the identity keys whose values differ between runs, other than the seed,
+    and those of them that tell curves apart for a person — a key that follows from the others
+    (conv6's ``model.plan`` and ``train.epochs`` from ``model.name``) is not shown."""
+    identities = [r.identity for r in runs]
+
+    def values(i: dict, keys: Sequence[str]) -> str:
+        return json.dumps([i.get(k) for k in keys], default=str)
+
+    keys = sorted(set().union(*identities) - {"seed"})
+    varying = [k for k in keys if len({values(i, [k]) for i in identities}) > 1]
+    shown: list[str] = []
+    for k in [*(k for k in RUN_KEYS if k in varying), *(k for k in varying if k not in RUN_KEYS)]:
+        seen: dict[str, str] = {}
+        if any(seen.setdefault(values(i, shown), values(i, [k])) != values(i, [k]) for i in identities):
+            shown.append(k)
+    return varying, shown
+
+
+def _label(key: dict[str, Any], varying: Sequence[str]) -> str:
+    parts = [str(key[k]) if k.endswith(".name") else f"{k}={_compact(key[k])}" for k in varying]
+    return " ".join(parts) or str(key["algebra.name"])
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _sort_key(curve: Curve) -> tuple:
+    algebra = curve.key["algebra.name"]
+    order = ALGEBRA_ORDER.index(algebra) if algebra in ALGEBRA_ORDER else len(ALGEBRA_ORDER)
+    return (str(curve.key["model.name"]), order, json.dumps(curve.key, sort_keys=True, default=str))
+
+
+def mean_curves(runs: Sequence[SweepRun]) -> list[Curve]:
+    """Group runs into curves and average each level over the runs that reached it."""
+    varying, shown = curve_keys(runs)
+    groups: dict[str, Curve] = {}
+    for run in runs:
+        identity = run.identity
+        name = json.dumps([identity.get(k) for k in varying], default=str)
+        key = {k: identity.get(k) for k in (*RUN_KEYS, *shown)}
+        groups.setdefault(name, Curve(key, _label(key, shown), [])).runs.append(run)
+    curves = sorted(groups.values(), key=_sort_key)
+    for curve in curves:
+        levels = sorted({row["level"] for run in curve.runs for row in run.rows})
+        for level in levels:
+            rows = [row for run in curve.runs for row in run.rows if row["level"] == level]
+            curve.points.append({
+                "level": level, "runs": len(rows),
+                "prunable_remaining": round(statistics.fmean(r["prunable_remaining"] for r in rows), 6),
+                "pct_of_real": round(statistics.fmean(r["pct_of_real"] for r in rows), 4),
+                **_mean_std("test_acc", [r["test_acc"] for r in rows]),
+                **_mean_std("best_val_acc", [r["best_val_acc"] for r in rows]),
+            })
+    return curves
+
+
+def _mean_std(name: str, values: list) -> dict:
+    """Mean and sample standard deviation (n - 1); None where a value is missing or n = 1 for the std."""
+    if not values or any(v is None for v in values):
+        return {f"{name}_mean": None, f"{name}_std": None}
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return {f"{name}_mean": round(statistics.fmean(values), 4), f"{name}_std": None if std is None else round(std, 4)}
+
+
+def sweep_figure(curves: Sequence[Curve], title: str):
+    """Mean test accuracy against mean % of real parameters per curve, with a ± std band."""
+    fig, ax = pyplot().subplots(figsize=(7, 4.5), dpi=120)
+    xs: list[float] = []
+    for curve in curves:
+        x = [p["pct_of_real"] for p in curve.points]
+        mean = [p["test_acc_mean"] for p in curve.points]
+        seeds = len(curve.runs)
+        (line,) = ax.plot(x, mean, marker="o", markersize=3, label=f"{curve.label} ({seeds} run{'s' * (seeds > 1)})")
+        band = [(xi, m, p["test_acc_std"]) for xi, m, p in zip(x, mean, curve.points) if p["test_acc_std"] is not None]
+        if band:
+            bx, bm, bs = zip(*band)
+            ax.fill_between(bx, [m - s for m, s in zip(bm, bs)], [m + s for m, s in zip(bm, bs)],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+        xs += x
+    percent_of_real_axis(ax, xs)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+@dataclass
+class SweepSummary:
+    out_dir: Path
+    runs: list[SweepRun]
+    curves: list[Curve]
+    columns: list[str]          # sweep_mean.csv's header
+    rows: list[dict]            # sweep_mean.csv's rows
+
+    @property
+    def figure(self) -> Path:
+        return self.out_dir / "accuracy_vs_sparsity.png"
+
+
+def aggregate(roots: Sequence[Path], out_dir: Path) -> SweepSummary:
+    """Find the runs under ``roots``, write sweep.csv, sweep_mean.csv and the figure into ``out_dir``."""
+    out_dir = Path(out_dir)
+    runs = find_runs([Path(r) for r in roots])
+    curves = mean_curves(runs)
+    _, shown = curve_keys(runs)
+    config_columns = [*RUN_KEYS, *(k for k in shown if k not in RUN_KEYS)]
+
+    all_rows = []
+    for run in sorted(runs, key=lambda r: str(r.path)):
+        flat = flatten(run.config)
+        where = {"run": _relative(run.path, out_dir), **{k: flat.get(k) for k in config_columns}, "seed": run.config.get("seed")}
+        all_rows += [{**where, **row} for row in run.rows]
+    _write_csv(out_dir / "sweep.csv", ["run", *config_columns, "seed", *LEVEL_COLUMNS], all_rows)
+
+    mean_columns = ["curve", *config_columns, "seeds", *MEAN_COLUMNS]
+    mean_rows = [{"curve": c.label, **c.key, "seeds": " ".join(str(r.config.get("seed")) for r in c.runs), **p}
+                 for c in curves for p in c.points]
+    _write_csv(out_dir / "sweep_mean.csv", mean_columns, mean_rows)
+
+    models = ", ".join(sorted({str(c.key["model.name"]) for c in curves}))
+    datasets = ", ".join(sorted({str(c.key["dataset.name"]) for c in curves}))
+    title = f"{models} on {datasets}: test accuracy (mean ± std over seeds)"
+    save_figure(sweep_figure(curves, title), out_dir / "accuracy_vs_sparsity.png")
+    return SweepSummary(out_dir, runs, curves, mean_columns, mean_rows)
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return os.path.relpath(path, base) if path.resolve().is_relative_to(base.resolve()) else str(path)
+    except ValueError:  # another drive
+        return str(path)
+
+
+def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _cell(row.get(k)) for k in columns})
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else value
+
+
+def log_to_wandb(summary: SweepSummary, logger: dict | None, group: str | None) -> None:
+    """A summary run (job_type ``aggregate``) in the sweep's W&B group: the mean table and figure."""
+    if (logger or {}).get("backend") != "wandb":
+        return
+    from .wandb_logger import WandbSettings, open_run, resolve_mode
+
+    settings = WandbSettings.from_config(logger)
+    mode, _ = resolve_mode(settings.mode)
+    if mode == "disabled":
+        return
+    group = settings.group or group
+    run = open_run(mode, summary.out_dir, summary.out_dir, project=settings.project, entity=settings.entity,
+                   group=group, job_type="aggregate", name=f"{group or 'sweep'}-summary", tags=list(settings.tags),
+                   config={"sweep_dir": str(summary.out_dir), "runs": [str(r.path) for r in summary.runs],
+                           "curves": [c.label for c in summary.curves]})
+    if run is None:
+        return
+    try:
+        import wandb
+
+        table = wandb.Table(columns=summary.columns, data=[[_cell(r.get(c)) for c in summary.columns] for r in summary.rows])
+        run.log({
+            "sweep_mean": table,
+            "accuracy_vs_sparsity": wandb.plot.line_series(
+                xs=[[p["pct_of_real"] for p in c.points] for c in summary.curves],
+                ys=[[p["test_acc_mean"] for p in c.points] for c in summary.curves],
+                keys=[c.label for c in summary.curves], title="mean test accuracy vs % of real parameters",
+                xname="% of real parameters"),
+            "plots/accuracy_vs_sparsity": wandb.Image(str(summary.figure)),
+        })
+        run.finish()
+    except Exception as exc:  # noqa: BLE001 - the sweep's files are written already
+        log.warning("W&B: logging the sweep summary failed (%s: %s); the sweep's files are in %s",
+                    type(exc).__name__, exc, summary.out_dir)
+        run.finish(exit_code=1)
+
+
+class AggregateSweep(Callback):
+    """Hydra callback: the sweep's table and figure after every job (a sweep stopped half-way still
+    has them) and at the end, when the summary also goes to W&B."""
+
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        if config.hydra.mode == RunMode.MULTIRUN:
+            self._aggregate(Path(str(config.hydra.sweep.dir)), first_jobs=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        summary = self._aggregate(sweep_dir)
+        if summary is None:
+            return
+        log.info("sweep: %d runs, %d curves -> %s", len(summary.runs), len(summary.curves), summary.figure)
+        from .cli import default_group
+
+        try:
+            logger = OmegaConf.to_container(config.logger, resolve=True) if "logger" in config else None
+            log_to_wandb(summary, logger, default_group(config.hydra))
+        except QpruneError as exc:
+            log.warning("W&B: the sweep summary was not logged: %s", exc)
+
+    @staticmethod
+    def _aggregate(sweep_dir: Path, first_jobs: bool = False) -> SweepSummary | None:
+        try:
+            return aggregate([sweep_dir], sweep_dir)
+        except Exception as exc:  # noqa: BLE001 - a summary must never fail the sweep
+            if not (first_jobs and isinstance(exc, DataError)):  # (no runs yet: the first jobs failed)
+                log.warning("sweep aggregation of %s failed (%s: %s); rerun it with scripts/aggregate.py %s",
+                            sweep_dir, type(exc).__name__, exc, sweep_dir)
+            return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="aggregate.py", description="Collect the runs under DIR... into sweep.csv, sweep_mean.csv and accuracy_vs_sparsity.png.")
+    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="sweep folders (searched recursively for levels.csv)")
+    parser.add_argument("--out", type=Path, help="where to write (default: DIR, when there is one)")
+    parser.add_argument("--wandb", action="store_true", help="also log a summary run to W&B (with the runs' own logger config)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.out is None and len(args.dirs) > 1:
+            raise DataError("several DIRs: pass --out to say where the sweep's table and figure go")
+        out = args.out or args.dirs[0]
+        summary = aggregate(args.dirs, out)
+        if args.wandb:
+            log_to_wandb(summary, summary.runs[0].config.get("logger"), Path(out).resolve().name)
+    except QpruneError as exc:
+        print(f"aggregate: error: {exc}", file=sys.stderr)
+        return 2
+    for curve in summary.curves:
+        last = curve.points[-1]
+        std = "" if last["test_acc_std"] is None else f" ± {last['test_acc_std']:.2f}"
+        print(f"{curve.label}: {len(curve.runs)} runs, {len(curve.points)} levels; at {last['pct_of_real']:.3g}% of real "
+              f"parameters {last['test_acc_mean']:.2f}%{std}")
+    print(f"wrote {out / 'sweep.csv'}, {out / 'sweep_mean.csv'}, {summary.figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

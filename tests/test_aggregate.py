@@ -1,0 +1,145 @@
+"""Sweep aggregation: every run's levels in one table, mean ± std over seeds checked against the per-run files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from qprune.aggregate import aggregate, main, sweep_figure
+from qprune.cli import config_dir
+from qprune.reporting import read_levels_csv, write_levels_csv
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+PARAMS = {("lenet_300_100", "real3"): 266_610, ("lenet_300_100", "quat"): 67_710,
+          ("conv4", "real3"): 2_425_930, ("conv4", "quat"): 609_226}   # README's table
+
+
+def write_run(run_dir: Path, model: str, algebra: str, seed: int, accuracies: list[float]) -> None:
+    """A run directory as the runner leaves it: levels.csv and levels.json with the resolved config."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={model}", f"algebra={algebra}", f"seed={seed}"])
+    config = OmegaConf.to_container(cfg, resolve=True)
+    total, real = PARAMS[(model, algebra)], PARAMS[(model, "real3")]
+    rows = [{"level": level, "prunable_remaining": round(0.8**level, 6), "params_nonzero": round(total * 0.8**level),
+             "params_total": total, "pct_of_real": round(100 * total * 0.8**level / real, 4), "test_acc": acc,
+             "best_val_acc": None, "train_loss": 0.1, "epochs": 1, "steps": 10, "train_seconds": 0.5}
+            for level, acc in enumerate(accuracies)]
+    run_dir.mkdir(parents=True)
+    write_levels_csv(rows, run_dir / "levels.csv")
+    (run_dir / "levels.json").write_text(json.dumps({"config": config, "levels": rows}))
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    """LeNet and Conv-4, real3 and quat, 3 seeds; one LeNet/quat seed stopped after level 1; runs
+    nested as a later change may write them (job/trial_k/levels.csv)."""
+    root = tmp_path_factory.mktemp("sweep")
+    accuracy = {  # (model, algebra) -> per seed, per level
+        ("lenet_300_100", "real3"): [[98.0, 97.0, 96.0], [98.2, 97.4, 95.0], [97.8, 97.6, 94.0]],
+        ("lenet_300_100", "quat"): [[97.0, 96.5, 96.0], [97.2, 96.1, 95.5], [96.8, 96.3]],
+        ("conv4", "real3"): [[80.0, 81.0, 79.0], [82.0, 83.0, 80.0], [81.0, 82.0, 81.0]],
+        ("conv4", "quat"): [[78.0, 79.0, 78.5], [79.0, 80.0, 79.5], [80.0, 81.0, 80.5]],
+    }
+    for job, ((model, algebra), seeds) in enumerate(accuracy.items()):
+        for seed, accs in enumerate(seeds):
+            write_run(root / f"{job}-{model}-{algebra}" / f"trial_{seed}", model, algebra, seed, accs)
+    return root, accuracy
+
+
+def test_mean_and_std_over_seeds_per_curve(two_models, tmp_path):
+    root, accuracy = two_models
+    summary = aggregate([root], tmp_path)
+    means = read_csv(tmp_path / "sweep_mean.csv")
+    assert [c.label for c in summary.curves] == ["conv4 real3", "conv4 quat", "lenet_300_100 real3", "lenet_300_100 quat"]
+    assert "model.plan" not in means[0] and "train.lr" not in means[0], "keys that follow from the model are not curves"
+    for (model, algebra), seeds in accuracy.items():
+        rows = [r for r in means if r["model.name"] == model and r["algebra.name"] == algebra]
+        assert [int(r["level"]) for r in rows] == [0, 1, 2]
+        for r in rows:
+            values = [accs[int(r["level"])] for accs in seeds if len(accs) > int(r["level"])]
+            assert int(r["runs"]) == len(values)
+            assert float(r["test_acc_mean"]) == pytest.approx(statistics.fmean(values), abs=1e-4)
+            assert float(r["test_acc_std"]) == pytest.approx(statistics.stdev(values), abs=1e-4)
+    lenet_quat = [r for r in means if r["curve"] == "lenet_300_100 quat"]
+    assert (lenet_quat[2]["runs"], float(lenet_quat[2]["test_acc_mean"]), float(lenet_quat[2]["test_acc_std"])) == ("2", 95.75, pytest.approx(0.353553, abs=1e-4))
+    assert float(lenet_quat[0]["pct_of_real"]) == pytest.approx(100 * 67_710 / 266_610, abs=1e-3)
+    # sweep.csv: every run's rows, as in its own levels.csv
+    everything = read_csv(tmp_path / "sweep.csv")
+    assert len(everything) == sum(len(accs) for seeds in accuracy.values() for accs in seeds)
+    for run in summary.runs:
+        mine = [r for r in everything if r["run"] == str(run.path)]
+        assert [float(r["test_acc"]) for r in mine] == [r["test_acc"] for r in read_levels_csv(run.path / "levels.csv")]
+        assert {r["seed"] for r in mine} == {str(run.config["seed"])}
+
+
+def test_the_figure_plots_the_means_with_std_bands(two_models):
+    root, accuracy = two_models
+    summary = aggregate([root], root)
+    fig = sweep_figure(summary.curves, "t")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    for line, curve in zip(ax.lines, summary.curves):
+        model, algebra = curve.label.split()
+        seeds = accuracy[(model, algebra)]
+        assert list(line.get_ydata()) == pytest.approx([statistics.fmean(a[i] for a in seeds if len(a) > i) for i in range(3)], abs=1e-4)
+        assert line.get_label().endswith("(3 runs)")
+    assert len(ax.collections) == 4, "one std band per curve"
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]   # conv4 real3, the first curve
+    per_level = [[a[i] for a in accuracy[("conv4", "real3")]] for i in range(3)]
+    assert band.max() == pytest.approx(max(statistics.fmean(v) + statistics.stdev(v) for v in per_level), abs=1e-3)
+    assert band.min() == pytest.approx(min(statistics.fmean(v) - statistics.stdev(v) for v in per_level), abs=1e-3)
+    assert (root / "accuracy_vs_sparsity.png").stat().st_size > 20_000
+
+
+def test_a_real_sweep_aggregates_to_its_jobs_numbers(basic_sweep):
+    """The callback's output at the end of a real multirun, against each job's own levels.csv."""
+    sweep_dir, result = basic_sweep
+    means = read_csv(sweep_dir / "sweep_mean.csv")
+    jobs = {}
+    for job in sweep_dir.glob("*/levels.csv"):
+        config = json.loads((job.parent / "levels.json").read_text())["config"]
+        jobs.setdefault(config["algebra"]["name"], []).append(read_levels_csv(job))
+    assert sorted(jobs) == ["quat", "real3"] and all(len(runs) == 2 for runs in jobs.values())
+    assert [r["curve"] for r in means] == ["real3", "real3", "quat", "quat"]
+    for r in means:
+        values = [rows[int(r["level"])]["test_acc"] for rows in jobs[r["algebra.name"]]]
+        assert float(r["test_acc_mean"]) == pytest.approx(statistics.fmean(values), abs=1e-4)
+        assert float(r["test_acc_std"]) == pytest.approx(statistics.stdev(values), abs=1e-4)
+        assert r["seeds"] == "0 1"
+    assert len(read_csv(sweep_dir / "sweep.csv")) == 8
+    assert (sweep_dir / "accuracy_vs_sparsity.png").stat().st_size > 20_000
+    assert "sweep: 4 runs, 2 curves" in result.stdout + result.stderr
+
+
+def test_aggregate_script_on_finished_sweeps(two_models, tmp_path):
+    root, _ = two_models
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "aggregate.py"), str(root), "--out", str(tmp_path / "agg")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "lenet_300_100 quat: 3 runs, 3 levels" in out.stdout
+    assert len(read_csv(tmp_path / "agg" / "sweep_mean.csv")) == 12
+    assert (tmp_path / "agg" / "accuracy_vs_sparsity.png").is_file()
+
+
+def test_aggregate_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no runs (levels.csv with levels.json) under" in err
+    assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert "pass --out" in capsys.readouterr().err

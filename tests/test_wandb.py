@@ -1,0 +1,188 @@
+"""W&B with no server: offline runs read back from disk, one run per job, failures never lose results."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from qprune.cli import config_dir
+from qprune.errors import ConfigError
+from qprune.reporting import RunInfo, read_levels_csv
+from qprune.runner import LevelRunner
+from qprune.settings import Settings
+from qprune.training import EpochStats
+from qprune.wandb_logger import WandbLogger, WandbSettings, resolve_mode
+from wandb_offline import offline_runs
+
+SYNC_HINT = "wandb sync"
+
+
+@pytest.mark.parametrize("configured,environ,netrc,expected", [
+    (None, {}, None, "offline"),                                    # no credentials: offline, with how to sync
+    (None, {"WANDB_API_KEY": "k" * 40}, None, "online"),
+    (None, {}, "machine api.wandb.ai login user password " + "k" * 40, "online"),   # `wandb login`
+    (None, {}, "machine example.org login user password secret", "offline"),        # another host's key
+    (None, {"WANDB_MODE": "disabled"}, None, "disabled"),
+    (None, {"WANDB_MODE": "offline", "WANDB_API_KEY": "k" * 40}, None, "offline"),
+    ("offline", {"WANDB_MODE": "online", "WANDB_API_KEY": "k" * 40}, None, "offline"),  # the config beats the env
+    ("disabled", {"WANDB_MODE": "online"}, None, "disabled"),
+    ("online", {}, None, "offline"),                                # asked for online without a key: never prompts
+])
+def test_mode_comes_from_config_then_env_then_credentials(configured, environ, netrc, expected, tmp_path):
+    netrc_file = tmp_path / "netrc"
+    if netrc is not None:
+        netrc_file.write_text(netrc + "\n")
+    mode, note = resolve_mode(configured, {**environ, "NETRC": str(netrc_file)})
+    assert mode == expected
+    if expected == "offline" and configured != "offline" and environ.get("WANDB_MODE") != "offline":
+        assert note is not None and SYNC_HINT in note and "\n" not in note
+    else:
+        assert note is None
+
+
+def test_bad_modes_name_their_source():
+    with pytest.raises(ConfigError, match="WANDB_MODE must be one of online, offline, disabled"):
+        resolve_mode(None, {"WANDB_MODE": "sometimes"})
+    with pytest.raises(ConfigError, match="logger.mode must be one of"):
+        WandbSettings.from_config({"backend": "wandb", "mode": "sometimes"})
+
+
+def test_two_jobs_of_one_process_are_two_finished_wandb_runs(basic_sweep):
+    """The basic launcher runs every job in one process: each job must get (and finish) its own run."""
+    sweep_dir, _ = basic_sweep
+    jobs = sorted(p for p in sweep_dir.iterdir() if (p / "levels.csv").is_file())
+    assert len(jobs) == 4
+    run_ids = set()
+    for job in jobs:
+        (run,) = offline_runs(job / "wandb")
+        run_ids.add(run.run_id)
+        levels = json.loads((job / "levels.json").read_text())
+        rows, config = read_levels_csv(job / "levels.csv"), levels["config"]
+        assert run.exit_code == 0
+        assert run.name == f"lenet_300_100-{config['algebra']['name']}-r0.2-s{config['seed']}"
+        assert run.group == sweep_dir.name and run.job_type == "prune"
+        assert run.config["seed"] == config["seed"] and run.config["algebra"]["name"] == config["algebra"]["name"]
+        assert run.config["params"]["params_total"] == rows[0]["params_total"]
+        # per epoch: the test accuracy the run directory holds, with its level and sparsity
+        epochs = [h for h in run.history if "test/acc" in h]
+        expected = [(int(level), e["test_acc"]) for level, es in levels["epochs"].items() for e in es]
+        assert [(h["epoch/level"], h["test/acc"]) for h in epochs] == expected
+        assert [h["sparsity/pct_of_real"] for h in epochs] == [r["pct_of_real"] for r in rows]
+        # per level, plotted against % of real parameters
+        per_level = [h for h in run.history if "level/test_acc" in h]
+        assert [(h["level/pct_of_real"], h["level/test_acc"]) for h in per_level] == [(r["pct_of_real"], r["test_acc"]) for r in rows]
+        assert run.metrics["level/test_acc"] == "level/pct_of_real"
+        # at the end: the levels table (written beside the offline run) and a summary
+        (table,) = (job / "wandb").rglob("levels_*.table.json")
+        data = json.loads(table.read_text())
+        assert [dict(zip(data["columns"], d))["test_acc"] for d in data["data"]] == [r["test_acc"] for r in rows]
+        assert run.summary["final_test_acc"] == rows[-1]["test_acc"] and run.summary["levels_finished"] == 2
+        assert (job / "training_curves.png").stat().st_size > 10_000
+    assert len(run_ids) == 4, "a job's W&B run leaked into the next job"
+    # the sweep's summary run, in the same group
+    (summary,) = offline_runs(sweep_dir / "wandb")
+    assert summary.job_type == "aggregate" and summary.group == sweep_dir.name and summary.exit_code == 0
+    (logged,) = [h for h in summary.history if "sweep_mean/nrows" in h]
+    assert logged["sweep_mean/nrows"] == 4  # 2 curves x 2 levels
+
+
+def test_without_credentials_one_line_says_how_to_sync_later(basic_sweep):
+    _, result = basic_sweep
+    notes = [line for line in (result.stdout + result.stderr).splitlines() if "W&B: no credentials" in line]
+    assert len(notes) == 1, "once per process, not once per job"
+    assert "logging offline" in notes[0] and "wandb sync" in notes[0]
+
+
+def written(folder: Path):
+    """The offline runs under ``folder`` once W&B's writer process has flushed them (in this process,
+    ``run.finish`` may return before it has; a CLI run flushes when it exits)."""
+    import wandb
+
+    wandb.teardown()
+    return offline_runs(folder)
+
+
+def _info(tmp_path: Path, name: str) -> RunInfo:
+    return RunInfo(tmp_path / name, name, name, {"seed": 0, "model": {"name": "lenet_300_100"}}, {"params_total": 10}, "test")
+
+
+def _record(level: int, acc: float) -> dict:
+    row = {"level": level, "prunable_remaining": 0.8**level, "params_nonzero": 10, "params_total": 10,
+           "pct_of_real": 100 * 0.8**level, "test_acc": acc, "best_val_acc": None, "train_loss": 0.5,
+           "epochs": 1, "steps": 3, "train_seconds": 0.1}
+    return {"row": row, "epochs": [{"epoch": 1, "step": 3, "train_loss": 0.5, "test_acc": acc, "val_acc": None, "seconds": 0.1}]}
+
+
+def test_a_failed_run_is_finished_as_failed_and_the_next_run_is_a_new_one(tmp_path):
+    import wandb
+
+    settings = WandbSettings(mode="offline")
+    failed = WandbLogger(settings, group="g")
+    failed.start(_info(tmp_path, "a"), [])
+    failed.epoch(0, EpochStats(**_record(0, 50.0)["epochs"][0]), _record(0, 50.0)["row"])
+    failed.finish([], RuntimeError("CUDA out of memory"))
+    assert wandb.run is None
+    # a resumed run re-logs the levels it finished before, so its W&B run shows the whole run
+    resumed = WandbLogger(settings, group="g")
+    resumed.start(_info(tmp_path, "b"), [_record(0, 60.0)])
+    resumed.level(_record(1, 70.0), [])
+    resumed.finish([_record(0, 60.0), _record(1, 70.0)], None)
+    (a,), (b,) = written(tmp_path / "a"), written(tmp_path / "b")
+    assert a.run_id != b.run_id and (a.exit_code, b.exit_code) == (1, 0)
+    assert [h["test/acc"] for h in a.history if "test/acc" in h] == [50.0]
+    assert [h["level/test_acc"] for h in b.history if "level/test_acc" in h] == [60.0, 70.0]
+    assert [h["test/acc"] for h in b.history if "test/acc" in h] == [60.0]
+    assert b.summary["status"] == "finished" and b.summary["final_test_acc"] == 70.0
+    # started again with every level finished (a sweep rerun to resume it): no second W&B run
+    again = WandbLogger(settings, group="g")
+    info = _info(tmp_path, "b")
+    info.levels = 2
+    again.start(info, [_record(0, 60.0), _record(1, 70.0)])
+    again.finish([_record(0, 60.0), _record(1, 70.0)], None)
+    assert len(written(tmp_path / "b")) == 1
+
+
+@pytest.fixture
+def tiny_runner(data_root, tmp_path):
+    """A LevelRunner for 2 levels of 5 steps on MNIST slices, with the W&B logger of ``logger.*``."""
+    def make(*overrides: str) -> LevelRunner:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=["model=lenet_300_100", "algebra=quat", "train.max_steps=5", "prune.levels=1",
+                                               "data.train_size=300", "data.test_size=200", "progress=none",
+                                               f"data.root={data_root}", "data.download=false", *overrides])
+        config = OmegaConf.to_container(cfg, resolve=True)
+        logger = WandbLogger(WandbSettings.from_config(config["logger"]), group="test")
+        return LevelRunner(Settings.from_config(cfg), tmp_path / "run", config, [logger])
+    return make
+
+
+def test_wandb_failing_mid_run_never_loses_the_results(tiny_runner, tmp_path, monkeypatch, caplog):
+    import wandb.sdk.wandb_run
+
+    def network_down(self, *args, **kwargs):
+        raise ConnectionError("network is down")
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", network_down)
+    with caplog.at_level(logging.WARNING, logger="qprune"):
+        rows = tiny_runner("logger.mode=offline").run()
+    assert [r["level"] for r in rows] == [0, 1]
+    assert [r["level"] for r in read_levels_csv(tmp_path / "run/levels.csv")] == [0, 1]
+    assert (tmp_path / "run/training_curves.png").is_file()
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("W&B:")]
+    assert len(warnings) == 1 and "network is down" in warnings[0] and str(tmp_path / "run") in warnings[0]
+    (run,) = written(tmp_path / "run/wandb")
+    assert run.exit_code == 1 and run.history == []
+
+
+def test_a_rejected_key_falls_back_to_offline(tiny_runner, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("WANDB_API_KEY", "bad-key")   # W&B refuses it before any network call
+    with caplog.at_level(logging.WARNING, logger="qprune"):
+        tiny_runner("logger.mode=online").run()
+    assert any("going online failed" in r.getMessage() and SYNC_HINT in r.getMessage() for r in caplog.records)
+    (run,) = written(tmp_path / "run/wandb")
+    assert run.exit_code == 0 and [h["level/level"] for h in run.history if "level/level" in h] == [0, 1]
