@@ -1,9 +1,9 @@
 """Device-resident datasets: uint8 images on the training device, normalised and augmented there.
 
-A whole split lives on the device as ``uint8`` (CIFAR-10's train split is 150 MB); batches are
-index gathers, augmentation is a handful of tensor ops over a whole batch, and normalisation
-(plus the grayscale channel of ``real4``/``quat``) happens in :meth:`DeviceData.model_input`.
-No per-sample Python, no host round trips.
+A whole split lives on the device as ``uint8`` (CIFAR-10's train split is 150 MB); an epoch is
+shuffled and augmented in one go (a permutation and a handful of gathers over all its images),
+batches are slices of it, and normalisation (plus the grayscale channel of ``real4``/``quat``)
+happens per batch in :meth:`DeviceData.model_input`. No per-sample Python, no host round trips.
 """
 
 from __future__ import annotations
