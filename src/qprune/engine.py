@@ -227,9 +227,9 @@ class Engine:
             raise ValueError(f"{k_runs} runs need {k_runs} masks and generators, got {len(masks)} and {len(generators)}")
         observers = list(observers) if observers is not None else [Observer() for _ in range(k_runs)]
         set_precision(s.precision)
-        self._reset(masks)
         if self.graph and not self._graphs:
-            self._capture()
+            self._capture()  # before the reset: the warm-up steps leave optimizer state behind
+        self._reset(masks)
         self._set_training(True)
         results = [LevelTraining() for _ in range(k_runs)]
         step, seconds, device = 0, 0.0, self.data.device

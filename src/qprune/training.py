@@ -124,10 +124,14 @@ def set_precision(precision: str) -> None:
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast for the forward pass and the loss (``bf16``); nothing otherwise. Weights stay fp32."""
+    """bf16 autocast for the forward pass and the loss (``bf16``); nothing otherwise. Weights stay fp32.
+
+    Without autocast's weight-cast cache, which must be off inside a captured CUDA graph (each weight is
+    used once per forward here, so the cache saves nothing anyway).
+    """
     if precision != "bf16":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
 @torch.no_grad()
