@@ -237,3 +237,29 @@ def test_graph_orchestration_with_stand_in_graphs(data, monkeypatch):
     train_level(reference, data, masks_1, settings, torch.Generator().manual_seed(1))
     assert engine._graphs == graphs, "captured once per run, not per level"
     assert max_difference(model, reference) < 1e-6
+
+
+def test_trials_keep_batch_norm_statistics_per_run(data):
+    """Batch-norm running statistics are state of each run: stacked with the weights, updated per run."""
+    from torch import nn
+
+    def model(seed):  # no conv bias before the norm: its true gradient is 0, so Adam would amplify rounding noise
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 13 * 13, 10))
+
+    settings = TrainSettings(lr=1e-3, epochs=1)
+    runs = [model(seed) for seed in range(2)]
+    alone = [copy.deepcopy(m) for m in runs]
+    names = ["0.weight", "4.weight"]
+    masks = [Masks({n: torch.rand_like(m.get_parameter(n)) > 0.3 for n in names}) for m in runs]
+    for m, a, mask in zip(runs, alone, masks):
+        mask.apply_(m)
+        mask.apply_(a)
+    Engine(runs, data, settings, names).train_level(masks, [torch.Generator().manual_seed(k) for k in range(2)])
+    for k, (m, a) in enumerate(zip(runs, alone)):
+        train_level(a, data, masks[k], settings, torch.Generator().manual_seed(k))
+        assert max_difference(m, a) < 1e-5
+        torch.testing.assert_close(m[1].running_mean, a[1].running_mean, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(m[1].running_var, a[1].running_var, rtol=1e-4, atol=1e-6)
+        assert m[1].num_batches_tracked.item() == a[1].num_batches_tracked.item() == 11
+    assert not torch.equal(runs[0][1].running_mean, runs[1][1].running_mean)

@@ -99,12 +99,12 @@ class Engine:
         """The tensors the step trains: the model's own (K = 1), or stacked ones the K models view."""
         first = self.models[0]
         if self.trials == 1:
-            return dict(first.named_parameters()), dict(_persistent_buffers(first))
+            return dict(first.named_parameters()), dict(first.named_buffers())
         self._base = copy.deepcopy(first)  # the architecture for functional_call (before rebinding)
         params = {name: _stack_and_view(self.models, name, parameter=True)
                   for name, _ in first.named_parameters()}
-        buffers = {name: _stack_and_view(self.models, name, parameter=False)
-                   for name, _ in _persistent_buffers(first)}
+        buffers = {name: _stack_and_view(self.models, name, parameter=False)  # batch-norm statistics: per run
+                   for name, _ in first.named_buffers()}
         call = lambda p, b, x: functional_call(self._base, (p, b), (x,))  # noqa: E731
         self._train_call = vmap(call, in_dims=(0, 0, 0))    # each run its own batch
         self._eval_call = vmap(call, in_dims=(0, 0, None))  # every run the same batch
@@ -266,12 +266,6 @@ class Engine:
         for result in results:
             result.steps, result.seconds = step, seconds
         return results
-
-
-def _persistent_buffers(module: nn.Module) -> list[tuple[str, Tensor]]:
-    """Buffers that are state (batch-norm statistics), not constants: they are per run."""
-    keys = set(module.state_dict())
-    return [(name, b) for name, b in module.named_buffers() if name in keys]
 
 
 def _stack_and_view(models: Sequence[nn.Module], name: str, parameter: bool) -> Tensor:
