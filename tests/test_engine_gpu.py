@@ -142,7 +142,7 @@ def test_bf16_graph_trains_like_fp32(mnist_gpu, rgb_gpu, name):
 
 def test_block_formulations_agree_on_cuda():
     torch.manual_seed(0)
-    w = torch.randn(4, 32, 32, 9, device=CUDA)
+    w = torch.randn(4, 32, 32 * 9, device=CUDA)  # (components, out, in x kernel)
     assert torch.equal(_block_gather(w).cpu(), _block_rows(w.cpu()))
     grad = torch.randn(4, 32, 4, 32 * 9, device=CUDA)
     torch.testing.assert_close(_block_gather_backward(grad).cpu(), _block_rows_backward(grad.cpu()))

@@ -60,12 +60,3 @@ def test_trials_write_one_run_directory_per_seed_and_resume(data_root, cache_dir
     run(["trials=2", "seed=3"], tmp_path / "k", data_root, cache_dir)
     assert (tmp_path / "k/trial_0/levels/level_01/result.json").stat().st_mtime_ns == stamp
     assert without_timing(read_levels_csv(trial / "levels.csv")) == without_timing(k_rows)
-
-
-def test_trials_must_be_positive():
-    from qprune.errors import ConfigError
-
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=["model=lenet_300_100", "trials=0"])
-    with pytest.raises(ConfigError, match="trials must be a positive integer"):
-        Settings.from_config(cfg)

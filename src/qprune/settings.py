@@ -88,6 +88,8 @@ class Settings:
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.trials, int) or self.trials < 1:
             raise ConfigError(f"trials must be a positive integer (runs with seeds seed, seed+1, ...), got {self.trials!r}")
+        if self.train.engine == "graph" and (self.device == "cpu" or not torch.cuda.is_available()):
+            raise ConfigError("train.engine=graph needs a CUDA device; use train.engine=auto (graph on CUDA, eager on the CPU) or eager")
         # Fails here, before any data is read, when the algebra does not fit the images or a
         # width does not fit the algebra.
         self.algebra.input_channels(self.dataset.channels, flat=MODELS[self.model].flat)
