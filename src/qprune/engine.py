@@ -57,6 +57,8 @@ class Engine:
 
     ``masked`` names the prunable weights: their masks are set per level by :meth:`train_level`.
     The models must already be on ``data.device``; the engine keeps training them in place.
+    ``channels_last`` (one run only) stores real conv weights and inputs NHWC — for
+    ``scripts/benchmark.py`` to measure; not a config key until it is shown to help.
     """
 
     def __init__(
