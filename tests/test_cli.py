@@ -118,10 +118,13 @@ def test_resume_refuses_a_different_run_in_the_same_directory(quick_run, data_ro
     ("device=tpu", "device must be one of auto, cpu, cuda"),
     ("prune.rewind=sometime", "prune.rewind must be 'init'"),
     ("algebra.qbn=zca", "algebra.qbn must be one of norm, whiten, got 'zca'"),
+    ("train.precision=fp16", "train.precision must be one of fp32, tf32, bf16"),
+    ("trials=0", "trials must be a positive integer"),
+    ("device=cpu train.engine=graph", "train.engine=graph needs a CUDA device"),
 ])
 def test_bad_configs_fail_with_the_key_named(override, message):
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=["model=lenet_300_100", "algebra=quat", override])
+        cfg = compose("config", overrides=["model=lenet_300_100", "algebra=quat", *override.split()])
     if override.startswith("prune.rewind"):
         from qprune.runner import parse_step_count
 

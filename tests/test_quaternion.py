@@ -114,3 +114,37 @@ def test_quaternion_layers_hold_a_quarter_of_the_real_parameters():
     r = torch.nn.Conv2d(64, 128, 3)
     assert q.weight.numel() * 4 == r.weight.numel()
     assert q.block_weight().shape == r.weight.shape
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5), (4, 2, 3, 3, 3)])
+def test_both_block_formulations_equal_the_written_out_block(shape):
+    """The CUDA (gather) and CPU (row copy) formulations give the same block and gradient on any device."""
+    from qprune.quaternion import _block_gather, _block_gather_backward, _block_rows, _block_rows_backward
+
+    torch.manual_seed(0)
+    w = torch.randn(*shape, dtype=torch.float64)
+    r, x, y, z = w
+    rows = [(r, -x, -y, -z), (x, r, -z, y), (y, z, r, -x), (z, -y, x, r)]
+    expected = torch.cat([torch.cat(row, dim=1) for row in rows], dim=0)
+    m, n = shape[1], shape[2]
+    flat = w.reshape(4, m, -1)
+    for block in (_block_gather(flat), _block_rows(flat)):
+        assert torch.equal(block.reshape(expected.shape), expected)
+    grad = torch.randn_like(expected)
+    w_ref = w.clone().requires_grad_()
+    r, x, y, z = w_ref
+    rows = [(r, -x, -y, -z), (x, r, -z, y), (y, z, r, -x), (z, -y, x, r)]
+    torch.cat([torch.cat(row, dim=1) for row in rows], dim=0).backward(grad)
+    for backward in (_block_gather_backward, _block_rows_backward):
+        torch.testing.assert_close(backward(grad.reshape(4, m, 4, -1)).reshape(shape), w_ref.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_block_under_vmap_equals_one_weight_at_a_time():
+    """trials=K stacks K quaternion weights and builds their blocks through vmap."""
+    torch.manual_seed(0)
+    weights = torch.randn(3, 4, 2, 5, 3, 3, requires_grad=True)
+    batched = torch.func.vmap(hamilton_block)(weights)
+    looped = torch.stack([hamilton_block(w) for w in weights])
+    assert torch.equal(batched, looped)
+    grad = torch.randn_like(batched)
+    assert torch.equal(torch.autograd.grad(batched, weights, grad)[0], torch.autograd.grad(looped, weights, grad)[0])

@@ -72,9 +72,10 @@ def _main(cfg: DictConfig) -> None:
     try:
         settings = Settings.from_config(cfg)
         config = OmegaConf.to_container(cfg, resolve=True)
-        loggers = make_loggers(config.get("logger"), default_group(hydra_cfg))
+        group = default_group(hydra_cfg)
         run_dir = Path(hydra_cfg.runtime.output_dir)
-        LevelRunner(settings, run_dir, config, loggers).run()
+        # a logger follows one run: with trials=K each run (trial_<k>/) gets its own
+        LevelRunner(settings, run_dir, config, lambda _trial: make_loggers(config.get("logger"), group)).run()
         log.info("results in %s", run_dir)
     except QpruneError as exc:
         print(f"qprune: error: {exc}", file=sys.stderr)

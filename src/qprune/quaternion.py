@@ -15,12 +15,15 @@ all real parts, then all i parts, then j, then k — ``[r | i | j | k]``.
 
 The weight is stored as one parameter of shape ``(4, out, in, *kernel)``: ``weight[0]`` is
 the real component r, ``weight[1:]`` are x, y, z. The block matrix is assembled on the
-device by one gather plus a sign multiply (no Python loop over components, no host copy);
-its backward pass is the transposed gather, so no scatter-add is needed.
+device from a 4x4 component table and a 4x4 sign table, in two kernels forward and three
+backward (no Python loop over components, no host copy, no scatter): on CUDA by one gather
+(fewest kernels, which is what a CUDA-graph step pays for), on the CPU by copying whole rows
+with ``index_select`` (the CPU gather kernel is several times slower than row copies).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -37,56 +40,78 @@ _SIGN = (
 )
 
 
-def _index_tables(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    a = torch.arange(4, device=device)
+@functools.lru_cache(maxsize=None)
+def _tables(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(component (4, 4), sign (4, 4), rows by component (16,)) on ``device``, made once per device.
+
+    ``rows by component`` lists the rows 4a + b of the (a, b) block grid grouped by their
+    component c = a ^ b, for the CPU backward. Cached so that a step captured in a CUDA graph
+    creates no tensors (the warm-up before the capture fills the cache).
+    """
+    a = torch.arange(4)
     component = a[:, None] ^ a[None, :]
-    sign = torch.tensor(_SIGN, device=device, dtype=dtype)
-    return component, sign
+    rows_by_component = (4 * a[None, :] + component.t()).flatten()  # [c, a] -> row 4a + (a ^ c)
+    sign = torch.tensor(_SIGN, dtype=dtype)
+    return component.to(device), sign.to(device), rows_by_component.to(device)
+
+
+def _block_gather(weight: Tensor) -> Tensor:
+    """(4, M, N·k) -> (4, M, 4, N·k) block: one gather with a broadcast index, one sign multiply."""
+    _, m, nk = weight.shape
+    component, sign, _ = _tables(weight.device, weight.dtype)
+    index = component.view(4, 1, 4, 1).expand(4, m, 4, nk)
+    source = weight.reshape(4, m, 1, nk).expand(4, m, 4, nk)
+    return torch.gather(source, 0, index) * sign.view(4, 1, 4, 1)
+
+
+def _block_gather_backward(grad: Tensor) -> Tensor:
+    """(4, M, 4, N·k) -> (4, M, N·k): grad[c] = sum_b sign[c^b, b] * grad_block[c^b, :, b, :]."""
+    _, m, _, nk = grad.shape
+    component, sign, _ = _tables(grad.device, grad.dtype)
+    signed = grad * sign.view(4, 1, 4, 1)
+    return torch.gather(signed, 0, component.view(4, 1, 4, 1).expand(4, m, 4, nk)).sum(2)
+
+
+def _block_rows(weight: Tensor) -> Tensor:
+    """The same block by row copies: (a, b) rows of components, signed, then laid out (a, M, b, N·k)."""
+    _, m, nk = weight.shape
+    component, sign, _ = _tables(weight.device, weight.dtype)
+    rows = torch.index_select(weight.reshape(4, m * nk), 0, component.flatten()).view(4, 4, m, nk)
+    return (rows * sign.view(4, 4, 1, 1)).transpose(1, 2).contiguous()
+
+
+def _block_rows_backward(grad: Tensor) -> Tensor:
+    _, m, _, nk = grad.shape
+    _, sign, rows_by_component = _tables(grad.device, grad.dtype)
+    signed = (grad.transpose(1, 2) * sign.view(4, 4, 1, 1)).reshape(16, m * nk)
+    return torch.index_select(signed, 0, rows_by_component).view(4, 4, m, nk).sum(1)
 
 
 class _HamiltonBlock(torch.autograd.Function):
-    """(4, M, N, *k) components -> (4, M, 4, N, *k) block; backward gathers instead of scattering."""
+    """(4, M, N·k) components -> (4, M, 4, N·k) block; the backward gathers instead of scattering."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(weight: Tensor, component: Tensor, sign: Tensor) -> Tensor:
-        m, n = weight.shape[1], weight.shape[2]
-        rows = torch.arange(m, device=weight.device).view(1, m, 1, 1)
-        cols = torch.arange(n, device=weight.device).view(1, 1, 1, n)
-        block = weight[component.view(4, 1, 4, 1), rows, cols]  # (4, M, 4, N, *k)
-        trailing = (1,) * (weight.dim() - 3)
-        return block * sign.view(4, 1, 4, 1, *trailing)
+    def forward(weight: Tensor) -> Tensor:
+        return _block_gather(weight) if weight.is_cuda else _block_rows(weight)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, component, sign = inputs
-        ctx.save_for_backward(component, sign)
+        pass
 
     @staticmethod
     def backward(ctx, grad_block: Tensor):
-        component, sign = ctx.saved_tensors
-        # grad[c] = sum_a sign[a, a^c] * grad_block[a, :, a^c, :]
-        m, n = grad_block.shape[1], grad_block.shape[3]
-        a = torch.arange(4, device=grad_block.device)
-        rows = torch.arange(m, device=grad_block.device).view(1, 1, m, 1)
-        cols = torch.arange(n, device=grad_block.device).view(1, 1, 1, n)
-        b = component  # b = a ^ c, indexed [c, a]
-        picked = grad_block[a.view(1, 4, 1, 1), rows, b.t().reshape(4, 4, 1, 1), cols]  # (c, a, M, N, *k)
-        trailing = (1,) * (grad_block.dim() - 4)
-        signs = sign[a.view(1, 4), b.t()].view(4, 4, 1, 1, *trailing)
-        return (picked * signs).sum(dim=1), None, None
+        return _block_gather_backward(grad_block) if grad_block.is_cuda else _block_rows_backward(grad_block)
 
 
-def hamilton_block(weight: Tensor, component: Tensor | None = None, sign: Tensor | None = None) -> Tensor:
+def hamilton_block(weight: Tensor) -> Tensor:
     """Real weight ``(4M, 4N, *k)`` of the Hamilton product with components ``weight (4, M, N, *k)``."""
     if weight.shape[0] != 4:
         raise ValueError(f"quaternion weight needs 4 components on dim 0, got shape {tuple(weight.shape)}")
-    if component is None or sign is None:
-        component, sign = _index_tables(weight.device, weight.dtype)
-    block = _HamiltonBlock.apply(weight, component, sign.to(weight.dtype))
-    m, n = weight.shape[1], weight.shape[2]
-    return block.reshape(4 * m, 4 * n, *weight.shape[3:])
+    m, n, kernel = weight.shape[1], weight.shape[2], weight.shape[3:]
+    block = _HamiltonBlock.apply(weight.reshape(4, m, -1))
+    return block.reshape(4 * m, 4 * n, *kernel)
 
 
 def hamilton_product(p: Tensor, q: Tensor) -> Tensor:
@@ -137,9 +162,6 @@ class _QuaternionLayer(nn.Module):
     def _init_parameters(self, kernel: tuple[int, ...], groups: int, bias: bool) -> None:
         self.weight = nn.Parameter(torch.empty(4, self.out_quaternions, self.in_quaternions // groups, *kernel))
         self.bias = nn.Parameter(torch.empty(4 * self.out_quaternions)) if bias else None
-        component, sign = _index_tables(torch.device("cpu"), torch.float32)
-        self.register_buffer("_component", component, persistent=False)
-        self.register_buffer("_sign", sign, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -150,7 +172,7 @@ class _QuaternionLayer(nn.Module):
 
     def block_weight(self) -> Tensor:
         """The real ``(4·out, 4·in/groups, *k)`` weight this layer multiplies with."""
-        return hamilton_block(self.weight, self._component, self._sign)
+        return hamilton_block(self.weight)
 
 
 class QLinear(_QuaternionLayer):

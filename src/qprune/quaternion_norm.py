@@ -50,13 +50,19 @@ QBN_MODES = ("norm", "whiten")
 class _Centre(torch.autograd.Function):
     """(x − its mean per channel over batch and image, the mean). Centring is a symmetric
     projection, so its backward centres the gradient: two full-size ops instead of autograd's four
-    (neg, sum, an expanded division, add)."""
+    (neg, sum, an expanded division, add). Written in the ``setup_context`` style so that
+    ``vmap`` (``trials=K``) can batch it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
         mean = x.mean(dim=(0, 2, 3), keepdim=True)
-        ctx.mark_non_differentiable(mean)
         return x - mean, mean
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.mark_non_differentiable(output[1])
 
     @staticmethod
     def backward(ctx, grad: Tensor, _grad_mean: Tensor) -> Tensor:

@@ -190,8 +190,8 @@ def percent_of_real_axis(ax, values: Sequence[float]) -> None:
 class ProgressObserver(Observer):
     """Progress bars on a terminal, a plain line per epoch otherwise (logs, CI, cluster jobs)."""
 
-    def __init__(self, level: int, levels: int, epochs: int, mode: str = "auto"):
-        self.level, self.levels, self.epochs = level, levels, epochs
+    def __init__(self, level: int, levels: int, epochs: int, mode: str = "auto", label: str = ""):
+        self.level, self.levels, self.epochs, self.label = level, levels, epochs, label
         self.bars = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
         self.quiet = mode == "none"
         self._bar = None
@@ -200,7 +200,7 @@ class ProgressObserver(Observer):
         if self.bars:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=steps, desc=f"level {self.level}/{self.levels} epoch {epoch}/{self.epochs}", leave=False, unit="step")
+            self._bar = tqdm(total=steps, desc=f"{self.label}level {self.level}/{self.levels} epoch {epoch}/{self.epochs}", leave=False, unit="step")
 
     def on_step(self, step: int) -> None:
         if self._bar is not None:
@@ -214,6 +214,6 @@ class ProgressObserver(Observer):
             return
         val = "" if stats.val_acc is None else f" val {stats.val_acc:.2f}%"
         log.info(
-            "level %d/%d epoch %d/%d: loss %.4f test %.2f%%%s (%.1fs)",
-            self.level, self.levels, stats.epoch, self.epochs, stats.train_loss, stats.test_acc, val, stats.seconds,
+            "%slevel %d/%d epoch %d/%d: loss %.4f test %.2f%%%s (%.1fs)",
+            self.label, self.level, self.levels, stats.epoch, self.epochs, stats.train_loss, stats.test_acc, val, stats.seconds,
         )

@@ -6,19 +6,24 @@ initialisation, or the weights after k steps of level 0), resets the optimizer a
 again. Each level's data order comes from a generator seeded by (seed, level), and every
 finished level is on disk, so a run stopped at any point resumes with exactly the results of
 an uninterrupted run (on the CPU; GPU kernels may differ in the last bits).
+
+``trials=K`` runs K seeds (``seed``, ``seed+1``, ...) side by side: the same levels, trained by
+one batched step of the engine, each run in its own directory ``trial_<k>/``.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .data import load_data
+from .engine import Engine, resolve_engine
 from .errors import ConfigError
 from .models import build_model, count_parameters, dense_real_parameters, parameter_counts
 from .pruning import Masks, prunable_weights, prune
@@ -79,92 +84,156 @@ def run_name(s: Settings) -> str:
     return f"{s.model}-{s.algebra.name}-r{s.prune.rate:g}-s{s.seed}"
 
 
+LoggerFactory = Callable[[int], list[RunLogger]]
+
+
+class Trial:
+    """One run of a :class:`LevelRunner`: its seed, directory, model, checkpoints and finished levels.
+
+    With ``trials=K`` run k is exactly the single run with seed ``seed + k`` (same initialisation,
+    data order and results), written to ``<run dir>/trial_<k>/``, a complete run directory.
+    """
+
+    def __init__(self, index: int, settings: Settings, run_dir: Path, config: dict, loggers: list[RunLogger]):
+        self.index, self.s, self.config = index, settings, config
+        self.run_dir, self.store = Path(run_dir), RunDirectory(run_dir)
+        self.loggers = [LocalFiles(), *loggers]
+        self.records: list[dict] = []
+        self.model: nn.Module | None = None
+        self.init: dict | None = None
+        self.rewind: dict | None = None
+
+
 class LevelRunner:
-    def __init__(self, settings: Settings, run_dir: Path, config: dict, loggers: list[RunLogger] | None = None):
-        self.s, self.config = settings, config
-        self.store = RunDirectory(run_dir)
-        self.run_dir = Path(run_dir)
-        self.loggers = [LocalFiles(), *(loggers or [])]
+    def __init__(
+        self, settings: Settings, run_dir: Path, config: dict, loggers: list[RunLogger] | LoggerFactory | None = None,
+    ):
+        """``loggers``: extra result destinations; with ``trials > 1`` a function of the run's index
+        that returns fresh loggers for each run (a logger follows one run)."""
+        self.s, self.config, self.run_dir = settings, config, Path(run_dir)
+        if settings.trials > 1 and isinstance(loggers, (list, tuple)) and loggers:
+            raise TypeError("with trials > 1 pass loggers as a function of the run's index: each run needs its own")
+        make_loggers = loggers if callable(loggers) else (lambda _: list(loggers or []))
+        if settings.trials == 1:
+            self.trials = [Trial(0, settings, self.run_dir, config, make_loggers(0))]
+        else:
+            self.trials = [
+                Trial(k, replace(settings, seed=settings.seed + k), self.run_dir / f"trial_{k}",
+                      {**config, "seed": settings.seed + k}, make_loggers(k))
+                for k in range(settings.trials)
+            ]
 
     def run(self) -> list[dict]:
-        """Train every level not on disk yet; returns all levels' rows."""
+        """Train every level not on disk yet; the rows of levels.csv (of every run, with its seed, when trials > 1)."""
         s = self._prepare()
-        records = self.store.finished_levels()
-        if records:
-            log.info("resuming %s after level %d", self.run_dir, len(records) - 1)
-        if len(records) > s.prune.levels:
+        for t in self.trials:
+            t.records = t.store.finished_levels()
+            if t.records:
+                log.info("resuming %s after level %d", t.run_dir, len(t.records) - 1)
+            title = f"{s.model} / {s.algebra.name} / {s.dataset.name} (seed {t.s.seed})"
+            info = RunInfo(t.run_dir, run_name(t.s), title, t.config, self.counts, self.data.source, s.prune.levels + 1)
+            for logger in t.loggers:
+                logger.start(info, t.records)
+        first = min(len(t.records) for t in self.trials)
+        if first > s.prune.levels:
             log.info("all %d levels are finished already", s.prune.levels + 1)
-        title = f"{s.model} / {s.algebra.name} / {s.dataset.name} (seed {s.seed})"
-        info = RunInfo(self.run_dir, run_name(s), title, self.config, self.counts, self.data.source, s.prune.levels + 1)
-        for logger in self.loggers:
-            logger.start(info, records)
         error = None
         try:
-            for level in range(len(records), s.prune.levels + 1):
-                records.append(self._train_level(level))
-                for logger in self.loggers:
-                    logger.level(records[-1], records)
+            for level in range(first, s.prune.levels + 1):
+                self._train_level(level)
         except BaseException as exc:
             error = exc
             raise
         finally:
-            for logger in self.loggers:
-                logger.finish(records, error)
-        return [r["row"] for r in records]
+            for t in self.trials:
+                for logger in t.loggers:
+                    logger.finish(t.records, error)
+        if len(self.trials) == 1:
+            return [r["row"] for r in self.trials[0].records]
+        return [{"seed": t.s.seed, **r["row"]} for t in self.trials for r in t.records]
 
     def _prepare(self) -> Settings:
-        """Data, model, counts and the initial/rewind weights (from disk when resuming)."""
+        """Data, the runs' models, counts, initial/rewind weights (from disk when resuming), the trainer."""
         s = self.s
         device = resolve_device(s.device)
         self.data = data = load_data(s.dataset, s.data, s.algebra.adds_gray, device)
         log.info("data: %s (%d train, %s val, %d test) on %s", data.source, len(data.train),
                  len(data.val) if data.val is not None else 0, len(data.test), device)
-        torch.manual_seed(s.seed)
-        self.model = build_model(s.model, s.algebra, data.num_classes, data.image_shape, **s.model_options).to(device)
-        self.weights = prunable_weights(self.model, s.prune.prune_output)
+        for t in self.trials:
+            torch.manual_seed(t.s.seed)  # run k's initialisation is the single run's with seed + k
+            t.model = build_model(s.model, s.algebra, data.num_classes, data.image_shape, **s.model_options).to(device)
+        model = self.trials[0].model
+        self.weights = prunable_weights(model, s.prune.prune_output)
         self.dense_real = dense_real_parameters(s.model, data.num_classes, data.image_shape, **s.model_options)
-        self.counts = parameter_counts(self.model, [w.name for w in self.weights], self.dense_real)
+        self.counts = parameter_counts(model, [w.name for w in self.weights], self.dense_real)
         log.info("model %s/%s: %d parameters (%.1f%% of the dense real model), %d prunable", s.model, s.algebra.name,
                  self.counts["params_total"], 100 * self.counts["params_total"] / self.dense_real, self.counts["prunable_total"])
-        self.store.claim(run_identity(self.config), s.resume)
-        self.init = self.store.load_checkpoint("init")
-        if self.init is None:
-            self.init = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self.store.save_checkpoint("init", self.init)
         self.rewind_step = parse_step_count(s.prune.rewind, s.train.steps_per_epoch(len(data.train)))
-        self.rewind = self.init if self.rewind_step == 0 else self.store.load_checkpoint("rewind")
+        for t in self.trials:
+            t.store.claim(run_identity(t.config), s.resume)
+            t.init = t.store.load_checkpoint("init")
+            if t.init is None:
+                t.init = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+                t.store.save_checkpoint("init", t.init)
+            t.rewind = t.init if self.rewind_step == 0 else t.store.load_checkpoint("rewind")
+        self.trainer = self._trainer(resolve_engine(s.train.engine, device))
         return s
 
-    def _train_level(self, level: int) -> dict:
-        """Prune from the previous level, rewind, train; the level's record, saved to disk."""
-        s, model, device = self.s, self.model, self.data.device
+    def _trainer(self, engine: str) -> Callable[..., list[LevelTraining]]:
+        """(masks, generators, observers) of every run -> their trainings: the eager loop for one run, else the engine."""
+        models = [t.model for t in self.trials]
+        if engine == "eager" and len(models) == 1:
+            return lambda masks, generators, observers: [
+                train_level(models[0], self.data, masks[0], self.s.train, generators[0], observers[0])
+            ]
+        log.info("training with the %s engine%s", engine, f", {len(models)} runs per step" if len(models) > 1 else "")
+        return Engine(models, self.data, self.s.train, [w.name for w in self.weights], graph=engine == "graph").train_level
+
+    def _start_level(self, t: Trial, level: int) -> Masks:
+        """Prune run ``t`` from its previous level's weights and rewind it; the level's masks."""
+        model, device = t.model, self.data.device
         if level == 0:
-            masks = Masks.ones(model, self.weights)
-            model.load_state_dict(self.init)
-        else:
-            previous_masks, previous_weights = self.store.load_level(level - 1)
-            model.load_state_dict(previous_weights)
-            masks = prune(model, Masks(previous_masks).to(device), self.weights, s.prune)
-            model.load_state_dict(self.rewind)
-            masks.apply_(model)
-        level_info = sparsity(masks, model, self.dense_real)
-        observer = _LevelObserver(model, self.rewind_step if level == 0 else -1, self.loggers, level_info,
-                                  level=level, levels=s.prune.levels, epochs=s.train.epochs, mode=s.progress)
-        training = train_level(model, self.data, masks, s.train, level_generator(s.seed, level, device), observer)
-        if level == 0 and self.rewind_step > 0:
-            if observer.state is None:
-                raise ConfigError(f"prune.rewind={s.prune.rewind} is past the end of level 0 ({training.steps} steps)")
-            self.rewind = observer.state
-            self.store.save_checkpoint("rewind", self.rewind)
-        record = {"row": {"level": level, **level_info, **training_columns(training)},
-                  "epochs": [asdict(e) for e in training.epochs]}
-        self.store.save_level(level, masks.state_dict(), model.state_dict(), record)
-        if s.save_weights == "last" and level > 0:
-            self.store.drop_weights(level - 1)
-        row = record["row"]
-        log.info("level %d: %.2f%% of prunable weights left, %.2f%% of the real model's parameters, test accuracy %.2f%%",
-                 level, 100 * row["prunable_remaining"], row["pct_of_real"], row["test_acc"])
-        return record
+            model.load_state_dict(t.init)
+            return Masks.ones(model, self.weights)
+        previous_masks, previous_weights = t.store.load_level(level - 1)
+        model.load_state_dict(previous_weights)
+        masks = prune(model, Masks(previous_masks).to(device), self.weights, self.s.prune)
+        model.load_state_dict(t.rewind)
+        masks.apply_(model)
+        return masks
+
+    def _train_level(self, level: int) -> None:
+        """Prune, rewind and train every run at ``level``; each run's record is saved to its directory."""
+        s, device, several = self.s, self.data.device, len(self.trials) > 1
+        masks = [self._start_level(t, level) for t in self.trials]
+        infos = [sparsity(m, t.model, self.dense_real) for m, t in zip(masks, self.trials)]
+        observers = [
+            _LevelObserver(t.model, self.rewind_step if level == 0 else -1, t.loggers, info, level=level,
+                           levels=s.prune.levels, epochs=s.train.epochs, label=f"seed {t.s.seed}: " if several else "",
+                           mode=s.progress if t.index == 0 or s.progress == "none" else "plain")
+            for t, info in zip(self.trials, infos)
+        ]
+        trainings = self.trainer(masks, [level_generator(t.s.seed, level, device) for t in self.trials], observers)
+        for t, mask, info, observer, training in zip(self.trials, masks, infos, observers, trainings):
+            if len(t.records) > level:
+                continue  # finished in an earlier session (a resumed run ahead of the others): keep that result
+            if level == 0 and self.rewind_step > 0:
+                if observer.state is None:
+                    raise ConfigError(f"prune.rewind={s.prune.rewind} is past the end of level 0 ({training.steps} steps)")
+                t.rewind = observer.state
+                t.store.save_checkpoint("rewind", t.rewind)
+            record = {"row": {"level": level, **info, **training_columns(training)},
+                      "epochs": [asdict(e) for e in training.epochs]}
+            t.store.save_level(level, mask.state_dict(), t.model.state_dict(), record)
+            if s.save_weights == "last" and level > 0:
+                t.store.drop_weights(level - 1)
+            t.records.append(record)
+            for logger in t.loggers:
+                logger.level(record, t.records)
+            row = record["row"]
+            log.info("%slevel %d: %.2f%% of prunable weights left, %.2f%% of the real model's parameters, "
+                     "test accuracy %.2f%%", f"seed {t.s.seed}: " if several else "", level,
+                     100 * row["prunable_remaining"], row["pct_of_real"], row["test_acc"])
 
 
 def sparsity(masks: Masks, model: nn.Module, dense_real: int) -> dict:

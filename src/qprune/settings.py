@@ -28,7 +28,7 @@ PROGRESS = ("auto", "bar", "plain", "none")
 # prune.levels is among them so that a finished run can be extended with more levels.
 NOT_IDENTITY = (
     "hydra", "logger", "device", "resume", "save", "progress",
-    "data.root", "data.cache", "data.download", "prune.levels",
+    "data.root", "data.cache", "data.download", "prune.levels", "train.engine",
 )
 
 
@@ -42,6 +42,7 @@ class Settings:
     prune: PruneSettings
     train: TrainSettings
     seed: int = 0
+    trials: int = 1                 # runs with seeds seed, seed+1, ... trained side by side
     device: str = "auto"
     resume: bool = True
     save_weights: str = "all"
@@ -63,6 +64,7 @@ class Settings:
                 prune=PruneSettings(**prune, layer_rates=layer_rates, prune_output=prune_output),
                 train=TrainSettings(**c["train"]),
                 seed=c.get("seed", 0),
+                trials=c.get("trials", 1),
                 device=c.get("device", "auto"),
                 resume=c.get("resume", True),
                 save_weights=c.get("save", {}).get("weights", "all"),
@@ -84,6 +86,10 @@ class Settings:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.trials, int) or self.trials < 1:
+            raise ConfigError(f"trials must be a positive integer (runs with seeds seed, seed+1, ...), got {self.trials!r}")
+        if self.train.engine == "graph" and (self.device == "cpu" or not torch.cuda.is_available()):
+            raise ConfigError("train.engine=graph needs a CUDA device; use train.engine=auto (graph on CUDA, eager on the CPU) or eager")
         # Fails here, before any data is read, when the algebra does not fit the images or a
         # width does not fit the algebra.
         self.algebra.input_channels(self.dataset.channels, flat=MODELS[self.model].flat)

@@ -44,6 +44,11 @@ def atomic_save(obj: Any, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def host_copies(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Compact CPU copies: a view (one run's slice of stacked weights) must not drag its whole storage into the file."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+
+
 def load_tensors(path: Path) -> dict[str, Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -101,7 +106,7 @@ class RunDirectory:
         return self.path / "checkpoints" / f"{name}.pt"
 
     def save_checkpoint(self, name: str, state: dict[str, Tensor]) -> None:
-        atomic_save({k: v.detach().cpu() for k, v in state.items()}, self._checkpoint(name))
+        atomic_save(host_copies(state), self._checkpoint(name))
 
     def load_checkpoint(self, name: str) -> dict[str, Tensor] | None:
         path = self._checkpoint(name)
@@ -114,7 +119,7 @@ class RunDirectory:
     def save_level(self, level: int, masks: dict[str, Tensor], weights: dict[str, Tensor], record: dict) -> None:
         directory = self.level_dir(level)
         atomic_save(pack_masks(masks), directory / "masks.pt")
-        atomic_save({k: v.detach().cpu() for k, v in weights.items()}, directory / "weights.pt")
+        atomic_save(host_copies(weights), directory / "weights.pt")
         atomic_write_text(directory / "result.json", json.dumps(record, indent=2))
 
     def finished_levels(self) -> list[dict]:

@@ -4,11 +4,16 @@ Pruned weights stay exactly zero without touching the weights after each step: t
 gradients are masked before the optimizer step, and the optimizer state is fresh at every
 level, so Adam's and SGD's moments at pruned positions stay zero and the update there is
 exactly zero. Metrics accumulate on the device and are read once per epoch.
+
+This loop is the reference (and the CPU path); :mod:`qprune.engine` runs the same step as
+one CUDA graph, and several runs at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +25,8 @@ from .errors import ConfigError
 from .pruning import Masks
 
 OPTIMIZERS = ("adam", "sgd")
+ENGINES = ("auto", "eager", "graph")    # auto: graph on CUDA, eager on the CPU
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -33,10 +40,16 @@ class TrainSettings:
     max_steps: int | None = None   # stop a level after this many steps (smoke tests, quick looks)
     drop_last: bool = False        # drop the last partial batch of each epoch
     eval_batch_size: int = 1000
+    engine: str = "auto"           # auto | eager (the reference loop) | graph (the step as one CUDA graph)
+    precision: str = "fp32"        # fp32 (TF32 off) | tf32 | bf16 (autocast)
 
     def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        for key, value, allowed in (
+            ("optimizer", self.optimizer, OPTIMIZERS), ("engine", self.engine, ENGINES),
+            ("precision", self.precision, PRECISIONS),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"train.{key} must be one of {', '.join(allowed)}, got {value!r}")
         for key in ("batch_size", "epochs", "eval_batch_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
@@ -87,21 +100,50 @@ class Observer:
     def on_epoch_end(self, stats: EpochStats) -> None: ...
 
 
-def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
-    params = list(model.parameters())
+def make_optimizer(
+    model: nn.Module | Iterable[Tensor], settings: TrainSettings, *, fused: bool | None = None, capturable: bool = False,
+) -> torch.optim.Optimizer:
+    """The level's optimizer. ``fused``/``capturable`` are for the CUDA-graph engine (state on the device)."""
+    params = list(model.parameters() if isinstance(model, nn.Module) else model)
     if settings.optimizer == "adam":
-        return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+        return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=fused,
+                                capturable=capturable)
+    return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay,
+                           fused=fused)
+
+
+def set_precision(precision: str) -> None:
+    """TF32 for matmuls and cuDNN convolutions on (``tf32``, ``bf16``) or off (``fp32``), for the process.
+
+    ``fp32`` turns cuDNN's TF32 off too (PyTorch's default leaves it on), so fp32 numbers are
+    really fp32. The legacy switches are used because they work on every torch >= 2.4.
+    """
+    allow = precision != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the forward pass and the loss (``bf16``); nothing otherwise. Weights stay fp32.
+
+    Without autocast's weight-cast cache, which must be off inside a captured CUDA graph (each weight is
+    used once per forward here, so the cache saves nothing anyway).
+    """
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: DeviceData, split: Split, batch_size: int = 1000) -> float:
+def evaluate(model: nn.Module, data: DeviceData, split: Split, batch_size: int = 1000, precision: str = "fp32") -> float:
     """Accuracy in percent; one host sync at the end."""
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=data.device)
     for x, y in data.batches(split, batch_size):
-        correct += (model(x).argmax(1) == y).sum()
+        with autocast(precision, data.device):
+            logits = model(x)
+        correct += (logits.argmax(1) == y).sum()
     model.train(was_training)
     return 100.0 * correct.item() / len(split)
 
@@ -117,6 +159,7 @@ def train_level(
     """
     observer = observer or Observer()
     optimizer = optimizer or make_optimizer(model, settings)
+    set_precision(settings.precision)
     masked_params, float_masks = masks.parameters_of(model)
     steps_per_epoch = settings.steps_per_epoch(len(data.train))
     result, step, seconds = LevelTraining(), 0, 0.0
@@ -127,7 +170,8 @@ def train_level(
         loss_sum = torch.zeros((), device=data.device)
         seen = 0
         for x, y in data.batches(data.train, settings.batch_size, generator, settings.drop_last):
-            loss = F.cross_entropy(model(x), y)
+            with autocast(settings.precision, data.device):
+                loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=False)
             loss.backward()
             _mask_gradients(masked_params, float_masks)
@@ -141,8 +185,8 @@ def train_level(
         seconds += _elapsed(start, data.device)
         stats = EpochStats(
             epoch, step, (loss_sum / max(seen, 1)).item(),
-            evaluate(model, data, data.test, settings.eval_batch_size),
-            evaluate(model, data, data.val, settings.eval_batch_size) if data.val is not None else None,
+            evaluate(model, data, data.test, settings.eval_batch_size, settings.precision),
+            evaluate(model, data, data.val, settings.eval_batch_size, settings.precision) if data.val is not None else None,
             seconds,
         )
         result.epochs.append(stats)

@@ -1,9 +1,9 @@
 """Device-resident datasets: uint8 images on the training device, normalised and augmented there.
 
-A whole split lives on the device as ``uint8`` (CIFAR-10's train split is 150 MB); batches are
-index gathers, augmentation is a handful of tensor ops over a whole batch, and normalisation
-(plus the grayscale channel of ``real4``/``quat``) happens in :meth:`DeviceData.model_input`.
-No per-sample Python, no host round trips.
+A whole split lives on the device as ``uint8`` (CIFAR-10's train split is 150 MB); an epoch is
+shuffled and augmented in one go (a permutation and a handful of gathers over all its images),
+batches are slices of it, and normalisation (plus the grayscale channel of ``real4``/``quat``)
+happens per batch in :meth:`DeviceData.model_input`. No per-sample Python, no host round trips.
 """
 
 from __future__ import annotations
@@ -94,33 +94,50 @@ class DeviceData:
             return random_crop_flip(x, generator, self.crop_padding)
         return x
 
+    def epoch(self, split: Split, generator: torch.Generator) -> Split:
+        """One training epoch's images in training order, augmented: one shuffle and one augmentation.
+
+        All of the epoch's random numbers are drawn here at once (a permutation, then the
+        augmentation of every image), so the eager loop and the graph engine see the same data
+        for the same generator whatever their batching (a dropped last batch included).
+        """
+        order = torch.randperm(len(split), generator=generator, device=self.device)
+        return Split(self.augment_batch(split.x[order], generator), split.y[order])
+
     def batches(
         self, split: Split, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """(model input, labels) batches; shuffled and augmented when a generator is given (training)."""
-        n = len(split)
-        order = torch.randperm(n, generator=generator, device=self.device) if generator is not None else None
-        stop = n - n % batch_size if drop_last else n
+        if generator is not None:
+            split = self.epoch(split, generator)
+        stop = len(split) - len(split) % batch_size if drop_last else len(split)
         for start in range(0, stop, batch_size):
-            if order is None:
-                x, y = split.x[start : start + batch_size], split.y[start : start + batch_size]
-            else:
-                index = order[start : start + batch_size]
-                x = self.augment_batch(split.x[index], generator)
-                y = split.y[index]
-            yield self.model_input(x), y
+            yield self.model_input(split.x[start : start + batch_size]), split.y[start : start + batch_size]
 
 
 def random_crop_flip(x: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
     """Random crop from a zero-padded image plus a random horizontal flip, for a whole batch at once.
 
     The same as torchvision's ``RandomCrop(size, padding)`` then ``RandomHorizontalFlip()`` per
-    image (zero = black padding on the uint8 image), done as one gather.
+    image (zero = black padding on the uint8 image), done as one gather per chunk of images;
+    all random numbers are drawn up front, so the chunking does not change the result.
     """
+    b = x.shape[0]
+    shift = torch.randint(0, 2 * padding + 1, (2, b), generator=generator, device=x.device)
+    flip = torch.rand(b, generator=generator, device=x.device) < 0.5
+    out = torch.empty_like(x)
+    for start in range(0, b, AUGMENT_CHUNK):
+        part = slice(start, start + AUGMENT_CHUNK)
+        out[part] = _crop_flip(x[part], shift[:, part], flip[part], padding)
+    return out
+
+
+AUGMENT_CHUNK = 16_384  # images per gather: bounds the padded copy (CIFAR: ~80 MB) on any device
+
+
+def _crop_flip(x: Tensor, shift: Tensor, flip: Tensor, padding: int) -> Tensor:
     b, c, h, w = x.shape
     device = x.device
-    shift = torch.randint(0, 2 * padding + 1, (2, b), generator=generator, device=device)
-    flip = torch.rand(b, generator=generator, device=device) < 0.5
     rows = shift[0, :, None] + torch.arange(h, device=device)
     cols = torch.arange(w, device=device)
     cols = torch.where(flip[:, None], w - 1 - cols, cols) + shift[1, :, None]
