@@ -222,6 +222,7 @@ def test_bad_settings():
     assert sum(p.numel() for p in QBatchNorm2d(64, "whiten").parameters()) == 16 * 20
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["norm", "whiten"])
 def test_no_host_syncs_on_the_gpu(mode):

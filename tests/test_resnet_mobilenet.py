@@ -63,6 +63,7 @@ def test_trains_prunes_and_rewinds(cifar_crops, name, algebra):
     assert not torch.equal(params[weights[0].name], init[weights[0].name] * pruned[weights[0].name])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("algebra", ["quat-norm", "quat-whiten"])
 def test_a_quaternion_resnet_step_has_no_host_syncs(algebra):
