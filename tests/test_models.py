@@ -8,6 +8,7 @@ from qprune.errors import ConfigError
 # The real ResNet-20 / ResNet-18 / MobileNet counts are the usual CIFAR ones (0.27M, 11.2M, 3.2M).
 EXPECTED = {
     "lenet_300_100": (266_610, None, 67_710),
+    "lenet_12": (9_550, None, 2_494),  # 784-12-10; quat 196 -> 3 quaternions -> real 12 -> 10
     "conv2": (4_301_642, 4_302_218, 1_077_962),
     "conv4": (2_425_930, 2_426_506, 609_226),
     "conv6": (2_262_602, 2_263_178, 568_778),

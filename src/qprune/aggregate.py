@@ -42,8 +42,10 @@ log = logging.getLogger("qprune")
 
 RUN_KEYS = ("model.name", "algebra.name", "dataset.name")   # always columns of the tables
 ALGEBRA_ORDER = ("real3", "real4", "quat")
-MEAN_COLUMNS = ("level", "runs", "prunable_remaining", "pct_of_real", "test_acc_mean", "test_acc_std",
-                "best_val_acc_mean", "best_val_acc_std")
+ACCURACIES = ("test_acc", "best_val_acc", "mask_test_acc", "random_reinit_acc", "random_prune_acc")
+BASELINE_STYLES = {"random_reinit_acc": ("--", "random reinit"), "random_prune_acc": (":", "random pruning")}
+MEAN_COLUMNS = ("level", "runs", "prunable_remaining", "pct_of_real",
+                *(f"{name}_{stat}" for name in ACCURACIES for stat in ("mean", "std")))
 
 
 @dataclass
@@ -146,8 +148,7 @@ def mean_curves(runs: Sequence[SweepRun]) -> list[Curve]:
                 "level": level, "runs": len(rows),
                 "prunable_remaining": round(statistics.fmean(r["prunable_remaining"] for r in rows), 6),
                 "pct_of_real": round(statistics.fmean(r["pct_of_real"] for r in rows), 4),
-                **_mean_std("test_acc", [r["test_acc"] for r in rows]),
-                **_mean_std("best_val_acc", [r["best_val_acc"] for r in rows]),
+                **{k: v for name in ACCURACIES for k, v in _mean_std(name, [r.get(name) for r in rows]).items()},
             })
     return curves
 
@@ -174,6 +175,10 @@ def sweep_figure(curves: Sequence[Curve], title: str):
             bx, bm, bs = zip(*band)
             ax.fill_between(bx, [m - s for m, s in zip(bm, bs)], [m + s for m, s in zip(bm, bs)],
                             color=line.get_color(), alpha=0.2, linewidth=0)
+        for column, (style, what) in BASELINE_STYLES.items():  # baselines: the ticket's colour, dashed
+            points = [(xi, p[f"{column}_mean"]) for xi, p in zip(x, curve.points) if p[f"{column}_mean"] is not None]
+            if points:
+                ax.plot(*zip(*points), linestyle=style, color=line.get_color(), linewidth=1, label=f"{curve.label}: {what}")
         xs += x
     percent_of_real_axis(ax, xs)
     ax.set_ylabel("test accuracy (%)")

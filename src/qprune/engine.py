@@ -38,7 +38,10 @@ from torch.func import functional_call, vmap
 from .data import DeviceData, Split
 from .errors import ConfigError
 from .pruning import Masks
-from .training import EpochStats, LevelTraining, Observer, TrainSettings, autocast, make_optimizer, set_precision
+from .training import (
+    EpochStats, LevelTraining, Observer, TrainSettings, autocast, load_optimizer_state, make_optimizer, optimizer_state,
+    set_precision,
+)
 
 WARMUP_STEPS = 3  # eager steps per batch shape before the capture (lazy optimizer state, cuDNN autotuning)
 
@@ -216,13 +219,29 @@ class Engine:
         self._set_training(True)
         return correct
 
+    def optimizer_states(self) -> list[dict]:
+        """Each run's optimizer state by parameter name (copies; a scalar step is shared by the runs)."""
+        states = optimizer_state(self.optimizer, self.params)
+        return [{name: {key: v if v.dim() == 0 or self.trials == 1 else v[k] for key, v in state.items()}
+                 for name, state in states.items()} for k in range(self.trials)]
+
+    def _load_optimizer_states(self, states: Sequence[dict]) -> None:
+        """Stack the runs' saved states into the optimizer, zeroing the moments of pruned weights."""
+        stacked = states[0] if self.trials == 1 else {
+            name: {key: v if v.dim() == 0 else torch.stack([s[name][key] for s in states]) for key, v in state.items()}
+            for name, state in states[0].items()
+        }
+        load_optimizer_state(self.optimizer, self.params, stacked, dict(zip(self.masked_names, self.masks)))
+
     def train_level(
         self, masks: Sequence[Masks], generators: Sequence[torch.Generator], observers: Sequence[Observer] | None = None,
+        optimizer_states: Sequence[dict] | None = None, epochs: int | None = None,
     ) -> list[LevelTraining]:
         """Train every run from the weights its model holds now; one :class:`LevelTraining` per run.
 
         ``generators[k]`` orders and augments run k's data (as in the eager loop), ``observers[k]``
-        sees its steps and epochs.
+        sees its steps and epochs. The optimizer starts fresh, or from ``optimizer_states`` (one per
+        run, from :meth:`optimizer_states`); ``epochs`` overrides ``train.epochs``.
         """
         k_runs, s = self.trials, self.settings
         if not len(masks) == len(generators) == k_runs:
@@ -232,10 +251,12 @@ class Engine:
         if self.graph and not self._graphs:
             self._capture()  # before the reset: the warm-up steps leave optimizer state behind
         self._reset(masks)
+        if optimizer_states is not None:
+            self._load_optimizer_states(optimizer_states)
         self._set_training(True)
         results = [LevelTraining() for _ in range(k_runs)]
         step, seconds, device = 0, 0.0, self.data.device
-        for epoch in range(1, s.epochs + 1):
+        for epoch in range(1, (epochs or s.epochs) + 1):
             for observer in observers:
                 observer.on_epoch_start(epoch, self.steps_per_epoch)
             start = time.perf_counter()

@@ -25,6 +25,7 @@ log = logging.getLogger("qprune")
 LEVEL_COLUMNS = (
     "level", "prunable_remaining", "params_nonzero", "params_total", "pct_of_real",
     "test_acc", "best_val_acc", "train_loss", "epochs", "steps", "train_seconds",
+    "mask_test_acc", "random_reinit_acc", "random_prune_acc",   # protocol=paper's phase A; baselines
 )
 
 

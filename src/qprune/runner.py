@@ -26,11 +26,12 @@ from .data import load_data
 from .engine import Engine, resolve_engine
 from .errors import ConfigError
 from .models import build_model, count_parameters, dense_real_parameters, parameter_counts
-from .pruning import Masks, prunable_weights, prune
+from .protocols import baseline_init, make_protocol, should_stop, train_baselines
+from .pruning import Masks, prunable_weights
 from .reporting import LocalFiles, ProgressObserver, RunInfo, RunLogger
 from .settings import Settings, run_identity
 from .store import RunDirectory
-from .training import LevelTraining, train_level
+from .training import EagerTrainer, LevelTraining
 
 log = logging.getLogger("qprune")
 
@@ -56,9 +57,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def level_generator(seed: int, level: int, device: torch.device) -> torch.Generator:
-    """The data-order and augmentation RNG of one level: a function of (seed, level) only."""
-    return torch.Generator(device=device).manual_seed(seed * 100_003 + level)
+def level_generator(seed: int, level: int, device: torch.device, stream: int = 0) -> torch.Generator:
+    """The data-order and augmentation RNG of one level: a function of (seed, level) only.
+
+    ``stream`` > 0 gives other, independent numbers of the same level (a baseline's random masks).
+    """
+    return torch.Generator(device=device).manual_seed(seed * 100_003 + level + stream * 1_000_000_007)
 
 
 class _LevelObserver(ProgressObserver):
@@ -102,6 +106,7 @@ class Trial:
         self.model: nn.Module | None = None
         self.init: dict | None = None
         self.rewind: dict | None = None
+        self.reinit: dict | None = None   # the random-reinit baseline's initialisation
 
 
 class LevelRunner:
@@ -140,6 +145,10 @@ class LevelRunner:
         error = None
         try:
             for level in range(first, s.prune.levels + 1):
+                if should_stop([t.records for t in self.trials], s.protocol):
+                    log.info("stopping: %d successive levels below %g%% test accuracy", s.protocol.stop_after,
+                             s.protocol.stop_below)
+                    break
                 self._train_level(level)
         except BaseException as exc:
             error = exc
@@ -176,36 +185,32 @@ class LevelRunner:
                 t.init = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
                 t.store.save_checkpoint("init", t.init)
             t.rewind = t.init if self.rewind_step == 0 else t.store.load_checkpoint("rewind")
+            if "random_reinit" in s.baselines:
+                torch.manual_seed(baseline_init(t.s.seed))
+                t.reinit = build_model(s.model, s.algebra, data.num_classes, data.image_shape, **s.model_options).state_dict()
         self.trainer = self._trainer(resolve_engine(s.train.engine, device))
+        self.protocol = make_protocol(self)
         return s
 
-    def _trainer(self, engine: str) -> Callable[..., list[LevelTraining]]:
-        """(masks, generators, observers) of every run -> their trainings: the eager loop for one run, else the engine."""
+    def _trainer(self, engine: str) -> EagerTrainer | Engine:
+        """The eager reference loop for one run on the CPU, else the engine (K runs per step, CUDA graphs)."""
         models = [t.model for t in self.trials]
         if engine == "eager" and len(models) == 1:
-            return lambda masks, generators, observers: [
-                train_level(models[0], self.data, masks[0], self.s.train, generators[0], observers[0])
-            ]
+            return EagerTrainer(models[0], self.data, self.s.train)
         log.info("training with the %s engine%s", engine, f", {len(models)} runs per step" if len(models) > 1 else "")
-        return Engine(models, self.data, self.s.train, [w.name for w in self.weights], graph=engine == "graph").train_level
+        return Engine(models, self.data, self.s.train, [w.name for w in self.weights], graph=engine == "graph")
 
-    def _start_level(self, t: Trial, level: int) -> Masks:
-        """Prune run ``t`` from its previous level's weights and rewind it; the level's masks."""
-        model, device = t.model, self.data.device
-        if level == 0:
-            model.load_state_dict(t.init)
-            return Masks.ones(model, self.weights)
-        previous_masks, previous_weights = t.store.load_level(level - 1)
-        model.load_state_dict(previous_weights)
-        masks = prune(model, Masks(previous_masks).to(device), self.weights, self.s.prune)
-        model.load_state_dict(t.rewind)
-        masks.apply_(model)
-        return masks
+    def generator(self, seed: int, level: int, stream: int = 0) -> torch.Generator:
+        return level_generator(seed, level, self.data.device, stream)
+
+    def generators(self, level: int) -> list[torch.Generator]:
+        """Each run's data order and augmentation for ``level``."""
+        return [self.generator(t.s.seed, level) for t in self.trials]
 
     def _train_level(self, level: int) -> None:
         """Prune, rewind and train every run at ``level``; each run's record is saved to its directory."""
         s, device, several = self.s, self.data.device, len(self.trials) > 1
-        masks = [self._start_level(t, level) for t in self.trials]
+        masks = self.protocol.level_masks(level)
         infos = [sparsity(m, t.model, self.dense_real) for m, t in zip(masks, self.trials)]
         observers = [
             _LevelObserver(t.model, self.rewind_step if level == 0 else -1, t.loggers, info, level=level,
@@ -213,7 +218,14 @@ class LevelRunner:
                            mode=s.progress if t.index == 0 or s.progress == "none" else "plain")
             for t, info in zip(self.trials, infos)
         ]
-        trainings = self.trainer(masks, [level_generator(t.s.seed, level, device) for t in self.trials], observers)
+        trainings = self.trainer.train_level(masks, self.generators(level), observers)
+        extra = self.protocol.level_trained(level, trainings)
+        if s.baselines and level > 0:
+            weights = [{k: v.detach().clone() for k, v in t.model.state_dict().items()} for t in self.trials]
+            for k, columns in train_baselines(self, level, masks, self.protocol).items():
+                extra.setdefault(k, {}).update(columns)
+            for t, w in zip(self.trials, weights):
+                t.model.load_state_dict(w)
         for t, mask, info, observer, training in zip(self.trials, masks, infos, observers, trainings):
             if len(t.records) > level:
                 continue  # finished in an earlier session (a resumed run ahead of the others): keep that result
@@ -222,7 +234,7 @@ class LevelRunner:
                     raise ConfigError(f"prune.rewind={s.prune.rewind} is past the end of level 0 ({training.steps} steps)")
                 t.rewind = observer.state
                 t.store.save_checkpoint("rewind", t.rewind)
-            record = {"row": {"level": level, **info, **training_columns(training)},
+            record = {"row": {"level": level, **info, **training_columns(training), **extra.get(t.index, {})},
                       "epochs": [asdict(e) for e in training.epochs]}
             t.store.save_level(level, mask.state_dict(), t.model.state_dict(), record)
             if s.save_weights == "last" and level > 0:

@@ -17,6 +17,7 @@ from .algebra import Algebra
 from .data import DataSettings, DatasetSettings
 from .errors import ConfigError
 from .models import MODELS, build_model
+from .protocols import ProtocolSettings, check_baselines
 from .pruning import PruneSettings
 from .training import TrainSettings
 
@@ -41,6 +42,8 @@ class Settings:
     data: DataSettings
     prune: PruneSettings
     train: TrainSettings
+    protocol: ProtocolSettings = ProtocolSettings()
+    baselines: tuple[str, ...] = ()  # random_reinit, random_prune: trained beside every level
     seed: int = 0
     trials: int = 1                 # runs with seeds seed, seed+1, ... trained side by side
     device: str = "auto"
@@ -63,6 +66,8 @@ class Settings:
                 data=DataSettings(**c["data"]),
                 prune=PruneSettings(**prune, layer_rates=layer_rates, prune_output=prune_output),
                 train=TrainSettings(**c["train"]),
+                protocol=ProtocolSettings(**c.get("protocol", {})),
+                baselines=check_baselines(c.get("baselines")),
                 seed=c.get("seed", 0),
                 trials=c.get("trials", 1),
                 device=c.get("device", "auto"),
@@ -84,6 +89,8 @@ class Settings:
         ):
             if value not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.protocol.name == "paper" and self.prune.rewind not in ("init", 0, "0"):
+            raise ConfigError(f"protocol=paper resets every level to the initialisation: prune.rewind must be init, got {self.prune.rewind!r}")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.trials, int) or self.trials < 1:

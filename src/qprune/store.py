@@ -7,6 +7,8 @@
     levels/level_NN/weights.pt   the level's trained weights
     levels/level_NN/result.json  the level's row and per-epoch history — written last: its
                                  presence is what marks the level finished
+    mask_rounds/round_NN/        protocol=paper, phase A: masks.pt, result.json and, for the
+                                 newest round only, state.pt (weights and optimizer state)
 
 Every file goes through a temporary file and ``os.replace``, so a crash never leaves a half
 file that looks finished. Tensors load with ``weights_only=True``.
@@ -87,7 +89,7 @@ class RunDirectory:
         """Start a new run here, or check that what is here is the same run (to resume it)."""
         marker = self.path / "run.json"
         if marker.is_file() and not resume:
-            for child in ("run.json", "checkpoints", "levels", "levels.csv", "levels.json"):
+            for child in ("run.json", "checkpoints", "levels", "mask_rounds", "levels.csv", "levels.json"):
                 target = self.path / child
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         elif marker.is_file():
@@ -139,6 +141,33 @@ class RunDirectory:
 
     def load_masks(self, level: int) -> dict[str, Tensor]:
         return unpack_masks(load_tensors(self.level_dir(level) / "masks.pt"))
+
+    # ------------------------------------------------------------------ phase A rounds (protocol=paper)
+    def round_dir(self, round_: int) -> Path:
+        return self.path / "mask_rounds" / f"round_{round_:02d}"
+
+    def save_round(self, round_: int, masks: dict[str, Tensor], state: dict, record: dict) -> None:
+        """A finished mask-making round; the previous round's state is dropped once this one is on disk."""
+        directory = self.round_dir(round_)
+        atomic_save(pack_masks(masks), directory / "masks.pt")
+        atomic_save({"weights": host_copies(state["weights"]),
+                     "optimizer": {n: host_copies(s) for n, s in state["optimizer"].items()}}, directory / "state.pt")
+        atomic_write_text(directory / "result.json", json.dumps(record, indent=2))
+        if round_ > 0:
+            (self.round_dir(round_ - 1) / "state.pt").unlink(missing_ok=True)
+
+    def round_result(self, round_: int) -> dict | None:
+        file = self.round_dir(round_) / "result.json"
+        return json.loads(file.read_text()) if file.is_file() else None
+
+    def load_round_masks(self, round_: int) -> dict[str, Tensor]:
+        return unpack_masks(load_tensors(self.round_dir(round_) / "masks.pt"))
+
+    def load_round_state(self, round_: int) -> dict:
+        path = self.round_dir(round_) / "state.pt"
+        if not path.is_file():
+            raise ConfigError(f"{path} is missing: phase A cannot continue; pass resume=false to start over")
+        return load_tensors(path)
 
     def drop_weights(self, level: int) -> None:
         """Free the disk space of a level's weights once a later level exists (save.weights=last)."""

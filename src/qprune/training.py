@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -195,6 +195,65 @@ def train_level(
             break
     result.steps, result.seconds = step, seconds
     return result
+
+
+class EagerTrainer:
+    """One run through the reference loop, with the interface of :class:`qprune.engine.Engine`.
+
+    ``train_level`` takes and returns lists (one entry per run: here one), starts from a fresh
+    optimizer unless ``optimizer_states`` carries one on, and can train another epoch count.
+    """
+
+    def __init__(self, model: nn.Module, data: DeviceData, settings: TrainSettings):
+        self.model, self.data, self.settings = model, data, settings
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def train_level(
+        self, masks: list[Masks], generators: list[torch.Generator], observers: list[Observer] | None = None,
+        optimizer_states: list[dict] | None = None, epochs: int | None = None,
+    ) -> list[LevelTraining]:
+        settings = self.settings if epochs is None else replace(self.settings, epochs=epochs)
+        params = dict(self.model.named_parameters())
+        self.optimizer = make_optimizer(params.values(), settings)
+        if optimizer_states is not None:
+            load_optimizer_state(self.optimizer, params, optimizer_states[0], masks[0])
+        observer = observers[0] if observers else None
+        return [train_level(self.model, self.data, masks[0], settings, generators[0], observer, self.optimizer)]
+
+    def optimizer_states(self) -> list[dict]:
+        return [optimizer_state(self.optimizer, dict(self.model.named_parameters()))]
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, params: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """The optimizer's per-parameter state by parameter name (copies): to save it or to carry it on."""
+    return {
+        name: {key: value.detach().clone() for key, value in optimizer.state[p].items() if torch.is_tensor(value)}
+        for name, p in params.items() if p in optimizer.state
+    }
+
+
+@torch.no_grad()
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]],
+    masks: dict[str, Tensor] | None = None,
+) -> None:
+    """Carry on from ``state`` (in place where the optimizer already has state, as a captured step needs).
+
+    The moments of the weights that ``masks`` prune are zeroed: with their gradients masked they
+    then stay zero, and so do the pruned weights (as with torch's pruning, whose masked weights
+    never reach the loss).
+    """
+    for name, param in params.items():
+        current = optimizer.state[param]
+        for key, value in state.get(name, {}).items():
+            if value.shape == param.shape:  # moments (a scalar step stays where it was saved)
+                value = value.to(param.device)
+                if masks is not None and name in masks:
+                    value = value * masks[name].to(value.dtype)
+            if torch.is_tensor(current.get(key)):
+                current[key].copy_(value)
+            else:
+                current[key] = value.clone()
 
 
 def _mask_gradients(params: list[Tensor], masks: list[Tensor]) -> None:

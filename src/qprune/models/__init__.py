@@ -40,6 +40,7 @@ MOBILENET_PLAN = (64, (128, 2), 128, (256, 2), 256, (512, 2), 512, 512, 512, 512
 
 MODELS: dict[str, ModelSpec] = {
     "lenet_300_100": ModelSpec(lenet, MNIST_IMAGE, {"hidden": (300, 100)}, flat=True),
+    "lenet_12": ModelSpec(lenet, MNIST_IMAGE, {"hidden": (12,)}, flat=True),  # the study's smallest: 784-12-10
     "conv2": ModelSpec(conv_net, CIFAR_IMAGE, {"plan": (64, 64, "M"), "hidden": (256, 256)}),
     "conv4": ModelSpec(conv_net, CIFAR_IMAGE, {"plan": (64, 64, "M", 128, 128, "M"), "hidden": (256, 256)}),
     "conv6": ModelSpec(conv_net, CIFAR_IMAGE, {"plan": (64, 64, "M", 128, 128, "M", 256, 256, "M"), "hidden": (256, 256)}),

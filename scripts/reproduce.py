@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""Reproduce one figure of the original study end to end: runs, aggregation, docs/results/<figure>.md/.png.
+
+    python scripts/reproduce.py conv4_cifar10                       # the study's schedule, 5 seeds
+    python scripts/reproduce.py conv4_cifar10 --seeds 0,1 --algebras real3,quat -- train.epochs=2
+
+Each (algebra, seed) is one `python -m qprune experiment=paper/<figure> ...` run in
+<work>/<figure>/<algebra>-s<seed>/: run the same command again after a crash or a time limit and
+every run resumes after its last finished level (finished runs are skipped). Arguments after
+`--` are passed to every run; any that changes the study's schedule marks the results
+"small-scale" in the written report. `--levels real3=18,quat=12` caps the levels per algebra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("figure", help="an experiment under conf/experiment/paper/, e.g. conv4_cifar10")
+    p.add_argument("--algebras", help="comma-separated (default: the experiment's)")
+    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--levels", default="", help="per-algebra level caps, e.g. real3=18,quat=12")
+    p.add_argument("--work", type=Path, default=Path(os.environ.get("QPRUNE_OUTPUTS", "outputs")) / "reproduce")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    p.add_argument("--label", default="", help="a line for the report (e.g. what machine, why the schedule is short)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    own, overrides = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    args = p.parse_args(own)
+    args.overrides = overrides  # after --: config overrides for every run
+    return args
+
+
+def experiment_algebras(figure: str) -> list[str]:
+    text = (REPO / "conf" / "experiment" / "paper" / f"{figure}.yaml").read_text()
+    line = next(l for l in text.splitlines() if l.strip().startswith("algebra:"))
+    return line.split(":", 1)[1].strip().split(",")
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    cpu = platform.processor() or "CPU"
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU: {cpu}, {os.cpu_count()} cores (torch {torch.__version__})"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def report(figure: str, summary, runs: list[dict], args, wall: float) -> str:
+    """docs/results/<figure>.md: how it was made, then mean ± std per level and algebra."""
+    small = [o for o in args.overrides if not o.startswith(("logger", "progress", "data.root", "data.cache", "device"))]
+    lines = [f"# {figure}: test accuracy against % of the real model's parameters", ""]
+    if small or args.levels:
+        lines += [f"**Small-scale run, not the study's schedule**: overrides `{' '.join(small)}`"
+                  + (f", levels `{args.levels}`" if args.levels else "") + ".", ""]
+    if args.label:
+        lines += [args.label, ""]
+    sources = sorted({r["data_source"] for r in runs})
+    lines += [
+        f"- command: `python scripts/reproduce.py {figure} --seeds {args.seeds}"
+        + (f" --algebras {args.algebras}" if args.algebras else "") + (f" --levels {args.levels}" if args.levels else "")
+        + (f" -- {' '.join(args.overrides)}" if args.overrides else "") + "`",
+        f"- protocol: `paper` (conf/experiment/paper/{figure}.yaml); seeds {args.seeds}",
+        f"- device: {device_name()}; date {datetime.now(timezone.utc):%Y-%m-%d}",
+        f"- time: {_duration(wall)} wall time for this invocation (a resumed figure counts only its new levels); "
+        f"the reported levels' training took {_duration(sum(r['train_seconds'] for r in runs))} summed over runs "
+        "(phase A's mask rounds and evaluation not included)",
+        f"- data: {', '.join(sources)}"
+        + (" (the JPEG copy of CIFAR-10: absolute accuracies run a little lower than on the original images)"
+           if any("jpeg" in s for s in sources) else ""),
+        "", f"![{figure}]({figure}.png)", "",
+    ]
+    curves = summary.curves
+    lines += ["| level | " + " | ".join(f"{c.label}: % of real | {c.label}: test acc" for c in curves) + " |",
+              "| ---: | " + " | ".join("---: | ---:" for _ in curves) + " |"]
+    levels = sorted({p["level"] for c in curves for p in c.points})
+    for level in levels:
+        cells = []
+        for c in curves:
+            p = next((p for p in c.points if p["level"] == level), None)
+            if p is None:
+                cells += ["", ""]
+                continue
+            std = f" ± {p['test_acc_std']:.2f}" if p["test_acc_std"] is not None else ""
+            cells += [f"{p['pct_of_real']:.2f}", f"{p['test_acc_mean']:.2f}{std} (n={p['runs']})"]
+        lines.append(f"| {level} | " + " | ".join(cells) + " |")
+    lines += ["", "Mean ± sample std over seeds; `n` runs reached the level. Full tables: "
+              f"`{figure}.csv` (per level and algebra, with the phase-A accuracy `mask_test_acc`).", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    algebras = args.algebras.split(",") if args.algebras else experiment_algebras(args.figure)
+    caps = dict(item.split("=") for item in args.levels.split(",") if item)
+    work = args.work / args.figure
+    start = time.time()
+    for algebra in algebras:
+        for seed in args.seeds.split(","):
+            cmd = [sys.executable, "-m", "qprune", f"experiment=paper/{args.figure}", f"algebra={algebra}",
+                   f"seed={seed}", f"hydra.run.dir={work / f'{algebra}-s{seed}'}", *args.overrides]
+            if algebra in caps:
+                cmd.append(f"prune.levels={caps[algebra]}")
+            print("+", " ".join(cmd[1:]), flush=True)
+            if not args.dry_run:
+                subprocess.run(cmd, check=True)
+    if args.dry_run:
+        return 0
+    sys.path.insert(0, str(REPO / "src"))
+    from qprune.aggregate import aggregate
+
+    summary = aggregate([work], work)
+    runs = []
+    for run in summary.runs:
+        meta = json.loads((run.path / "levels.json").read_text())
+        runs.append({"data_source": meta.get("data_source", "?"), "train_seconds": sum(r["train_seconds"] for r in run.rows)})
+    args.out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(summary.figure, args.out / f"{args.figure}.png")
+    shutil.copyfile(work / "sweep_mean.csv", args.out / f"{args.figure}.csv")
+    (args.out / f"{args.figure}.md").write_text(report(args.figure, summary, runs, args, time.time() - start))
+    print(f"wrote {args.out / args.figure}.md, .png and .csv", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
