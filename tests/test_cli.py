@@ -120,6 +120,9 @@ def test_resume_refuses_a_different_run_in_the_same_directory(quick_run, data_ro
     ("algebra.qbn=zca", "algebra.qbn must be one of norm, whiten, got 'zca'"),
     ("train.precision=fp16", "train.precision must be one of fp32, tf32, bf16"),
     ("trials=0", "trials must be a positive integer"),
+    ("protocol=paper prune.rewind=2ep", "protocol=paper resets every level to the initialisation"),
+    ("baselines=[random_init]", "baselines must be a list of random_reinit, random_prune"),
+    ("protocol.mask_epochs=0", "protocol.mask_epochs must be a positive integer"),
     ("device=cpu train.engine=graph", "train.engine=graph needs a CUDA device"),
 ])
 def test_bad_configs_fail_with_the_key_named(override, message):
