@@ -73,14 +73,32 @@ def save_figure(fig, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+# other accuracies of a level drawn beside the ticket's: (line style, legend)
+EXTRA_CURVES = {
+    "mask_test_acc": ("-.", "phase A (mask rounds)"),
+    "random_reinit_acc": ("--", "random reinit"),
+    "random_prune_acc": (":", "random pruning"),
+}
+
+
+def _has_extra_curves(rows: Sequence[dict]) -> bool:
+    return any(r.get(c) is not None for r in rows for c in EXTRA_CURVES)
+
+
 def plot_accuracy_vs_sparsity(rows: Sequence[dict], path: Path, title: str) -> None:
     """Test accuracy against % of the real model's parameters (log x-axis, sparser to the right)."""
     fig, ax = pyplot().subplots(figsize=(6, 4), dpi=120)
     x = [r["pct_of_real"] for r in rows]
     y = [r["test_acc"] for r in rows]
-    ax.plot(x, y, marker="o")
+    ax.plot(x, y, marker="o", label="ticket" if _has_extra_curves(rows) else None)
     for r in rows:
         ax.annotate(str(r["level"]), (r["pct_of_real"], r["test_acc"]), textcoords="offset points", xytext=(0, 5), fontsize=7, ha="center")
+    for column, (style, label) in EXTRA_CURVES.items():
+        points = [(r["pct_of_real"], r[column]) for r in rows if r.get(column) is not None]
+        if points:
+            ax.plot(*zip(*points), linestyle=style, marker=".", label=label)
+    if _has_extra_curves(rows):
+        ax.legend(fontsize=8)
     percent_of_real_axis(ax, x)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)

@@ -30,7 +30,8 @@ log = logging.getLogger("qprune")
 MODES = ("online", "offline", "disabled")
 # levels.csv columns logged per level as level/<column>, plotted against level/pct_of_real
 _NOTED: set[str] = set()
-LEVEL_METRICS = ("level", "test_acc", "best_val_acc", "prunable_remaining", "params_nonzero", "train_loss")
+LEVEL_METRICS = ("level", "test_acc", "best_val_acc", "prunable_remaining", "params_nonzero", "train_loss",
+                 "mask_test_acc", "random_reinit_acc", "random_prune_acc")  # the last three: protocol=paper, baselines
 
 
 @dataclass(frozen=True)
