@@ -106,7 +106,47 @@ def report(figure: str, summary, runs: list[dict], args, wall: float) -> str:
         lines.append(f"| {level} | " + " | ".join(cells) + " |")
     lines += ["", "Mean ± sample std over seeds; `n` runs reached the level. Full tables: "
               f"`{figure}.csv` (per level and algebra, with the phase-A accuracy `mask_test_acc`).", ""]
+    lines += matched_table(curves)
     return "\n".join(lines)
+
+
+MATCH_POINTS = (50, 25, 20, 15, 10, 7, 5, 4, 3, 2, 1.5, 1, 0.7, 0.5, 0.3)
+
+
+def interpolate(points: list[dict], pct: float) -> float | None:
+    """Mean test accuracy at ``pct`` % of real parameters, linear in log % between the two nearest levels."""
+    import math
+
+    xy = sorted((p["pct_of_real"], p["test_acc_mean"]) for p in points if p["test_acc_mean"] is not None)
+    for (x0, y0), (x1, y1) in zip(xy, xy[1:]):
+        if x0 <= pct <= x1:
+            t = 0.0 if x1 == x0 else (math.log(pct) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + t * (y1 - y0)
+    return None
+
+
+def matched_table(curves) -> list[str]:
+    """Accuracy of each curve at the same % of real parameters: where the curves cross."""
+    rows = []
+    for pct in MATCH_POINTS:
+        values = [interpolate(c.points, pct) for c in curves]
+        if sum(v is not None for v in values) >= 2:
+            rows.append((pct, values))
+    if not rows:
+        return []
+    base = curves[0].label
+    lines = ["At the same share of the real model's parameters (mean accuracy interpolated linearly in log % "
+             "between the two nearest levels; only where a curve covers that share):", "",
+             "| % of real | " + " | ".join(c.label for c in curves) + f" | best | " +
+             " | ".join(f"{c.label} − {base}" for c in curves[1:]) + " |",
+             "| ---: | " + " | ".join("---:" for _ in curves) + " | --- | " + " | ".join("---:" for _ in curves[1:]) + " |"]
+    for pct, values in rows:
+        cells = ["" if v is None else f"{v:.2f}" for v in values]
+        known = [(v, c.label) for v, c in zip(values, curves) if v is not None]
+        best = max(known)[1]
+        diffs = ["" if v is None or values[0] is None else f"{v - values[0]:+.2f}" for v in values[1:]]
+        lines.append(f"| {pct:g} | " + " | ".join(cells) + f" | {best} | " + " | ".join(diffs) + " |")
+    return [*lines, ""]
 
 
 def main(argv=None) -> int:

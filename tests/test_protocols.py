@@ -189,3 +189,13 @@ def test_reproduce_script_writes_the_figure_report(data_root, cache_dir, tmp_pat
     with open(out / "lenet_12_mnist.csv") as f:
         first = next(csv.DictReader(f))
     assert (first["algebra.name"], first["level"], float(first["pct_of_real"])) == ("real3", "0", 100.0)
+
+
+def test_curves_compare_at_the_same_share_of_real_parameters():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import reproduce
+
+    points = [{"pct_of_real": 10.0, "test_acc_mean": 90.0}, {"pct_of_real": 1.0, "test_acc_mean": 80.0}]
+    assert reproduce.interpolate(points, 10.0) == 90.0
+    assert reproduce.interpolate(points, 10 ** 0.5) == pytest.approx(85.0)  # halfway in log %
+    assert reproduce.interpolate(points, 20.0) is None, "no extrapolation beyond the levels run"
