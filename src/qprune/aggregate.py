@@ -34,7 +34,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import DataError, QpruneError
-from .reporting import LEVEL_COLUMNS, pyplot, percent_of_real_axis, read_levels_csv, save_figure
+from .reporting import EXTRA_CURVES, LEVEL_COLUMNS, pyplot, percent_of_real_axis, read_levels_csv, save_figure
 from .settings import flatten, run_identity
 from .store import atomic_write_text
 
@@ -42,8 +42,9 @@ log = logging.getLogger("qprune")
 
 RUN_KEYS = ("model.name", "algebra.name", "dataset.name")   # always columns of the tables
 ALGEBRA_ORDER = ("real3", "real4", "quat")
-ACCURACIES = ("test_acc", "best_val_acc", "mask_test_acc", "random_reinit_acc", "random_prune_acc")
-BASELINE_STYLES = {"random_reinit_acc": ("--", "random reinit"), "random_prune_acc": (":", "random pruning")}
+ACCURACIES = ("test_acc", "best_val_acc", *EXTRA_CURVES)
+# drawn beside each curve in the ticket's colour (phase A's own accuracy would crowd a sweep's figure)
+BASELINE_STYLES = {k: v for k, v in EXTRA_CURVES.items() if k != "mask_test_acc"}
 MEAN_COLUMNS = ("level", "runs", "prunable_remaining", "pct_of_real",
                 *(f"{name}_{stat}" for name in ACCURACIES for stat in ("mean", "std")))
 
