@@ -62,6 +62,25 @@ def device_name() -> str:
     return f"CPU: {cpu}, {os.cpu_count()} cores (torch {torch.__version__})"
 
 
+def _shown(path: str) -> str:
+    """A data path as a reader can follow it: relative to the checkout when it lies beside it."""
+    try:
+        return os.path.relpath(path, REPO) if Path(path).is_absolute() and Path(path).is_relative_to(REPO.parent) else path
+    except ValueError:
+        return path
+
+
+def round_seconds(run_dir: Path, config: dict) -> float:
+    """Training seconds of phase A's own rounds (round 0 is level 0's training when the epochs agree)."""
+    mask_epochs = (config.get("protocol") or {}).get("mask_epochs")
+    shared_round0 = mask_epochs in (None, (config.get("train") or {}).get("epochs"))
+    total = 0.0
+    for result in sorted(run_dir.glob("mask_rounds/round_*/result.json"))[1 if shared_round0 else 0:]:
+        epochs = json.loads(result.read_text()).get("epochs") or []
+        total += epochs[-1]["seconds"] if epochs else 0.0
+    return total
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
@@ -82,10 +101,11 @@ def report(figure: str, summary, runs: list[dict], args, wall: float) -> str:
         + (f" -- {' '.join(args.overrides)}" if args.overrides else "") + "`",
         f"- protocol: `paper` (conf/experiment/paper/{figure}.yaml); seeds {args.seeds}",
         f"- device: {device_name()}; date {datetime.now(timezone.utc):%Y-%m-%d}",
-        f"- time: {_duration(wall)} wall time for this invocation (a resumed figure counts only its new levels); "
-        f"the reported levels' training took {_duration(sum(r['train_seconds'] for r in runs))} summed over runs "
-        "(phase A's mask rounds and evaluation not included)",
-        f"- data: {', '.join(sources)}"
+        f"- time: training summed over the {len(runs)} runs: {_duration(sum(r['train_seconds'] for r in runs))} for the "
+        f"reported levels (phase B) + {_duration(sum(r['mask_seconds'] for r in runs))} for phase A's mask rounds "
+        f"(evaluation and start-up not included); this invocation's wall time {_duration(wall)} (runs that were "
+        "already finished are skipped, so a resumed figure counts only its new levels)",
+        f"- data: {', '.join(_shown(s) for s in sources)}"
         + (" (the JPEG copy of CIFAR-10: absolute accuracies run a little lower than on the original images)"
            if any("jpeg" in s for s in sources) else ""),
         "", f"![{figure}]({figure}.png)", "",
@@ -173,7 +193,8 @@ def main(argv=None) -> int:
     runs = []
     for run in summary.runs:
         meta = json.loads((run.path / "levels.json").read_text())
-        runs.append({"data_source": meta.get("data_source", "?"), "train_seconds": sum(r["train_seconds"] for r in run.rows)})
+        runs.append({"data_source": meta.get("data_source", "?"), "train_seconds": sum(r["train_seconds"] for r in run.rows),
+                     "mask_seconds": round_seconds(run.path, meta.get("config") or {})})
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(summary.figure, args.out / f"{args.figure}.png")
     shutil.copyfile(work / "sweep_mean.csv", args.out / f"{args.figure}.csv")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -182,7 +183,7 @@ def test_reproduce_script_writes_the_figure_report(data_root, cache_dir, tmp_pat
            "logger=csv", "progress=none", f"data.root={data_root}", f"data.cache={cache_dir}"]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     report = (out / "lenet_12_mnist.md").read_text()
-    assert "Small-scale run, not the study's schedule" in report and "MNIST/raw" in report
+    assert "Small-scale run, not the study's schedule" in report and "MNIST/raw" in report and "phase A's mask rounds" in report
     table = [line for line in report.splitlines() if line.startswith("| 1 |")]
     assert len(table) == 1 and table[0].count("(n=1)") == 2  # real3 and quat at level 1
     assert (out / "lenet_12_mnist.png").stat().st_size > 10_000
@@ -199,3 +200,16 @@ def test_curves_compare_at_the_same_share_of_real_parameters():
     assert reproduce.interpolate(points, 10.0) == 90.0
     assert reproduce.interpolate(points, 10 ** 0.5) == pytest.approx(85.0)  # halfway in log %
     assert reproduce.interpolate(points, 20.0) is None, "no extrapolation beyond the levels run"
+
+
+def test_report_counts_phase_a_time_without_counting_the_shared_round_twice(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import reproduce
+
+    for r, seconds in enumerate((10.0, 3.0, 4.0)):
+        d = tmp_path / "mask_rounds" / f"round_{r:02d}"
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps({"row": {}, "epochs": [{"seconds": seconds / 2}, {"seconds": seconds}]}))
+    shared = {"train": {"epochs": 2}, "protocol": {"mask_epochs": None}}
+    assert reproduce.round_seconds(tmp_path, shared) == 7.0  # round 0 is level 0's training
+    assert reproduce.round_seconds(tmp_path, {"train": {"epochs": 2}, "protocol": {"mask_epochs": 1}}) == 17.0
