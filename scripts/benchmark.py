@@ -56,6 +56,11 @@ from qprune.training import TrainSettings, make_optimizer, set_precision, train_
 TEST_IMAGES = 10_000  # what the evaluation of a real run reads every epoch
 
 
+def _rate(per_second: float) -> str:
+    """Steps per second with three significant figures at least (a slow CPU runs a few per second)."""
+    return f"{per_second:,.0f}" if per_second >= 100 else f"{per_second:.3g}"
+
+
 def log(message: str) -> None:
     print(message, flush=True)
 
@@ -134,7 +139,7 @@ class Results:
             eager = self.find(r.model, r.algebra, "eager", r.precision)
             ratio = lambda base: f"{r.run_steps / base.run_steps:.1f}" if base else "—"  # noqa: E731
             lines.append(f"| {r.model} | {r.algebra} | {r.mode}{' ' + r.notes if r.notes else ''} | {r.precision} "
-                         f"| {r.runs} | {1000 * r.seconds_per_step:.3f} | {r.its:,.0f} | {r.run_steps:,.0f} "
+                         f"| {r.runs} | {1000 * r.seconds_per_step:.3f} | {_rate(r.its)} | {_rate(r.run_steps)} "
                          f"| {r.tflops:.2f} | {ratio(original)} | {ratio(eager)} |")
         if self.passes:
             lines += ["", "Forward and backward pass on their own (batch 60, fp32, one run):", "",
