@@ -175,6 +175,7 @@ def main(argv=None) -> int:
     caps = dict(item.split("=") for item in args.levels.split(",") if item)
     work = args.work / args.figure
     start = time.time()
+    run_dirs = [work / f"{algebra}-s{seed}" for algebra in algebras for seed in args.seeds.split(",")]
     for algebra in algebras:
         for seed in args.seeds.split(","):
             cmd = [sys.executable, "-m", "qprune", f"experiment=paper/{args.figure}", f"algebra={algebra}",
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO / "src"))
     from qprune.aggregate import aggregate
 
-    summary = aggregate([work], work)
+    summary = aggregate(run_dirs, work)  # just the runs asked for: other algebras or seeds may share the folder
     runs = []
     for run in summary.runs:
         meta = json.loads((run.path / "levels.json").read_text())

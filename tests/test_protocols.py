@@ -191,6 +191,11 @@ def test_reproduce_script_writes_the_figure_report(data_root, cache_dir, tmp_pat
         first = next(csv.DictReader(f))
     assert (first["algebra.name"], first["level"], float(first["pct_of_real"])) == ("real3", "0", 100.0)
 
+    # a report of some of the runs: the finished runs are skipped, and the other algebra's run is left out
+    subprocess.run([*cmd[:3], "--algebras", "quat", *cmd[3:]], check=True, capture_output=True, text=True, timeout=300)
+    header = next(line for line in (out / "lenet_12_mnist.md").read_text().splitlines() if line.startswith("| level |"))
+    assert "quat: test acc" in header and "real3" not in header
+
 
 def test_curves_compare_at_the_same_share_of_real_parameters():
     sys.path.insert(0, str(REPO / "scripts"))
