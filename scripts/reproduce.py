@@ -175,31 +175,30 @@ def main(argv=None) -> int:
     caps = dict(item.split("=") for item in args.levels.split(",") if item)
     work = args.work / args.figure
     start = time.time()
-    run_dirs = [work / f"{algebra}-s{seed}" for algebra in algebras for seed in args.seeds.split(",")]
-    for algebra in algebras:
-        for seed in args.seeds.split(","):
-            cmd = [sys.executable, "-m", "qprune", f"experiment=paper/{args.figure}", f"algebra={algebra}",
-                   f"seed={seed}", f"hydra.run.dir={work / f'{algebra}-s{seed}'}", *args.overrides]
-            if algebra in caps:
-                cmd.append(f"prune.levels={caps[algebra]}")
-            print("+", " ".join(cmd[1:]), flush=True)
-            if not args.dry_run:
-                subprocess.run(cmd, check=True)
+    runs = {(algebra, seed): work / f"{algebra}-s{seed}" for algebra in algebras for seed in args.seeds.split(",")}
+    for (algebra, seed), run_dir in runs.items():
+        cmd = [sys.executable, "-m", "qprune", f"experiment=paper/{args.figure}", f"algebra={algebra}",
+               f"seed={seed}", f"hydra.run.dir={run_dir}", *args.overrides]
+        if algebra in caps:
+            cmd.append(f"prune.levels={caps[algebra]}")
+        print("+", " ".join(cmd[1:]), flush=True)
+        if not args.dry_run:
+            subprocess.run(cmd, check=True)
     if args.dry_run:
         return 0
     sys.path.insert(0, str(REPO / "src"))
     from qprune.aggregate import aggregate
 
-    summary = aggregate(run_dirs, work)  # just the runs asked for: other algebras or seeds may share the folder
-    runs = []
+    summary = aggregate(list(runs.values()), work)  # just the runs asked for: others may share the folder
+    facts = []
     for run in summary.runs:
         meta = json.loads((run.path / "levels.json").read_text())
-        runs.append({"data_source": meta.get("data_source", "?"), "train_seconds": sum(r["train_seconds"] for r in run.rows),
-                     "mask_seconds": round_seconds(run.path, meta.get("config") or {})})
+        facts.append({"data_source": meta.get("data_source", "?"), "train_seconds": sum(r["train_seconds"] for r in run.rows),
+                      "mask_seconds": round_seconds(run.path, meta.get("config") or {})})
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(summary.figure, args.out / f"{args.figure}.png")
     shutil.copyfile(work / "sweep_mean.csv", args.out / f"{args.figure}.csv")
-    (args.out / f"{args.figure}.md").write_text(report(args.figure, summary, runs, args, time.time() - start))
+    (args.out / f"{args.figure}.md").write_text(report(args.figure, summary, facts, args, time.time() - start))
     print(f"wrote {args.out / args.figure}.md, .png and .csv", flush=True)
     return 0
 
