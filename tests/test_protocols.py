@@ -19,7 +19,8 @@ from qprune.models import build_model
 from qprune.protocols import ProtocolSettings, should_stop
 from qprune.pruning import Masks, PruneSettings, prunable_weights, prune
 from qprune.reporting import read_levels_csv
-from qprune.runner import LevelRunner, level_generator
+from qprune.levels import level_generator
+from qprune.runner import LevelRunner
 from qprune.settings import Settings
 from qprune.store import RunDirectory, load_tensors
 from qprune.training import EagerTrainer, TrainSettings, load_optimizer_state, make_optimizer
@@ -179,7 +180,7 @@ def test_paper_experiments_carry_the_studys_hyperparameters(figure, model, datas
 def test_reproduce_script_writes_the_figure_report(data_root, cache_dir, tmp_path):
     out = tmp_path / "results"
     cmd = [sys.executable, str(REPO / "scripts" / "reproduce.py"), "lenet_12_mnist", "--seeds", "0", "--work", str(tmp_path / "work"),
-           "--out", str(out), "--", "train.max_steps=10", "train.epochs=1", "prune.levels=1", "data.test_size=300",
+           "--out", str(out), "--", "train.max_steps=10", "train.epochs=1", "prune.levels=1", "data.test_size=300", "protocol.stop_below=null",
            "logger=csv", "progress=none", f"data.root={data_root}", f"data.cache={cache_dir}"]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     report = (out / "lenet_12_mnist.md").read_text()

@@ -6,6 +6,9 @@ fair real baseline. ``quat``: quaternion layers on [R, G, B, gray] read as one q
 channel (real part R). Hidden widths are *real* widths in every algebra, so a quaternion model
 has a quarter of the parameters of its real twin. Batch norm is real batch norm per real channel,
 or quaternion batch norm (``qbn``: ``norm`` or ``whiten``, see :mod:`qprune.quaternion_norm`).
+Quaternion weights start from Parcollet's polar initialisation at the He scale (``init=he``) or at
+the original study's code's scale (``init=study``, see :func:`qprune.quaternion.quaternion_init_`);
+real layers keep PyTorch's default initialisation in every case, as in the study.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .quaternion import QConv2d, QLinear
+from .quaternion import INIT_SCHEMES, QConv2d, QLinear
 from .quaternion_norm import QBN_MODES, QBatchNorm2d
 
 ALGEBRAS = ("real3", "real4", "quat")
@@ -30,6 +33,7 @@ class Algebra:
     name: str
     pixel_grouping: str = "blocks"
     qbn: str = "norm"             # quaternion batch norm mode (quat only): norm | whiten
+    init: str = "he"              # quaternion weight init (quat only): he | study (the original code's scale)
 
     def __post_init__(self):
         if self.name not in ALGEBRAS:
@@ -38,6 +42,8 @@ class Algebra:
             raise ConfigError(
                 f"algebra.pixel_grouping must be one of {', '.join(PIXEL_GROUPINGS)}, got {self.pixel_grouping!r}"
             )
+        if self.init not in INIT_SCHEMES:
+            raise ConfigError(f"algebra.init must be one of {', '.join(INIT_SCHEMES)}, got {self.init!r}")
         if self.qbn not in QBN_MODES:
             raise ConfigError(f"algebra.qbn must be one of {', '.join(QBN_MODES)}, got {self.qbn!r}")
 
@@ -81,7 +87,7 @@ class Algebra:
             return nn.Linear(in_features, out_features, bias)
         self.check_width(in_features, "in_features")
         self.check_width(out_features, "out_features")
-        return QLinear(in_features, out_features, bias)
+        return QLinear(in_features, out_features, bias, init=self.init)
 
     def conv2d(
         self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
@@ -104,7 +110,7 @@ class Algebra:
                 f"groups={groups}: a quaternion conv from {in_channels} to {out_channels} real channels needs "
                 f"groups dividing both quaternion counts ({in_channels // 4}, {out_channels // 4}) or groups=in_channels"
             )
-        return QConv2d(in_channels, out_channels, kernel_size, stride, padding, groups=q_groups, bias=bias)
+        return QConv2d(in_channels, out_channels, kernel_size, stride, padding, groups=q_groups, bias=bias, init=self.init)
 
     def batchnorm(self, channels: int) -> nn.Module:
         """Batch norm over ``channels`` real channels: per real channel, or per quaternion channel in ``quat``."""

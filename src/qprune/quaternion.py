@@ -132,41 +132,77 @@ def hamilton_product(p: Tensor, q: Tensor) -> Tensor:
     )
 
 
-@torch.no_grad()
-def quaternion_init_(weight: Tensor, fan_in: int, generator: torch.Generator | None = None) -> Tensor:
-    """Parcollet et al.'s polar quaternion initialisation (He criterion), in place.
+INIT_SCHEMES = ("he", "study")
 
-    The modulus follows a chi distribution with 4 degrees of freedom scaled by
-    sigma = 1/sqrt(2·fan_in) (fan_in = quaternion inputs × kernel area), the phase is uniform
-    in [-pi, pi] and the imaginary axis is a uniformly random unit vector, so that
-    E|q|² = 4·sigma² = 2/fan_in: each real output sees the variance of He's initialisation.
+
+@torch.no_grad()
+def quaternion_init_(
+    weight: Tensor, fan_in: int, generator: torch.Generator | None = None, scheme: str = "he",
+) -> Tensor:
+    """Parcollet et al.'s polar quaternion initialisation, in place, at one of two scales.
+
+    The modulus follows a chi distribution with 4 degrees of freedom scaled by sigma, the phase
+    is uniform in [-pi, pi] and the imaginary part points along a random unit axis, so
+    E|q|^2 = 4·sigma^2 and every real component has standard deviation sigma on average.
+
+    ``he``: sigma = 1/sqrt(2·fan_in) (fan_in = quaternion inputs x kernel area), so that each real
+    output sees the variance of He's initialisation; the axis is uniform on the sphere.
+    ``study``: the original study's code (hTorch), sigma = 1/sqrt(8·fan_in) with the fan-in *it*
+    computed (see :func:`study_fan_in`), and the axis a U(-1, 1)^3 vector normalised to length 1.
     Drawn from torch's RNG (or ``generator``) so seeds reproduce.
     """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"quaternion init must be one of {', '.join(INIT_SCHEMES)}, got {scheme!r}")
     shape, device, dtype = weight.shape[1:], weight.device, weight.dtype
-    sigma = 1.0 / math.sqrt(2.0 * fan_in)
+    sigma = 1.0 / math.sqrt((2.0 if scheme == "he" else 8.0) * fan_in)
     modulus = sigma * torch.randn((4, *shape), generator=generator, device=device, dtype=dtype).norm(dim=0)
     phase = (torch.rand(shape, generator=generator, device=device, dtype=dtype) * 2 - 1) * math.pi
-    axis = torch.randn((3, *shape), generator=generator, device=device, dtype=dtype)
+    if scheme == "he":
+        axis = torch.randn((3, *shape), generator=generator, device=device, dtype=dtype)
+    else:
+        axis = torch.rand((3, *shape), generator=generator, device=device, dtype=dtype) * 2 - 1
     axis = axis / axis.norm(dim=0).clamp_min(torch.finfo(dtype).tiny)
     weight[0] = modulus * torch.cos(phase)
     weight[1:] = modulus * torch.sin(phase) * axis
     return weight
 
 
+def study_fan_in(in_quaternions: int, kernel_size: int | tuple[int, ...] | None) -> int:
+    """The fan-in the original code used: input quaternions x ``np.prod(kernel_size)`` *as given*.
+
+    Its convolutions pass an integer kernel size, so a 3x3 conv counts 3 (not 9) per input
+    quaternion; a tuple counts its product, a linear layer (None) counts 1.
+    """
+    if kernel_size is None:
+        return in_quaternions
+    return in_quaternions * (kernel_size if isinstance(kernel_size, int) else math.prod(kernel_size))
+
+
 class _QuaternionLayer(nn.Module):
-    """Shared parameter handling: components (4, out, in, *k), real bias per real output."""
+    """Shared parameter handling: components (4, out, in, *k), real bias per real output.
+
+    ``init`` picks the initialisation scale (:func:`quaternion_init_`: ``he`` or ``study``).
+    """
 
     in_quaternions: int
     out_quaternions: int
+    init: str = "he"
+    kernel_arg: int | tuple[int, ...] | None = None  # the kernel size as given (the study's fan-in reads it)
 
-    def _init_parameters(self, kernel: tuple[int, ...], groups: int, bias: bool) -> None:
+    def _init_parameters(self, kernel: tuple[int, ...], groups: int, bias: bool, init: str) -> None:
+        if init not in INIT_SCHEMES:
+            raise ValueError(f"quaternion init must be one of {', '.join(INIT_SCHEMES)}, got {init!r}")
+        self.init = init
         self.weight = nn.Parameter(torch.empty(4, self.out_quaternions, self.in_quaternions // groups, *kernel))
         self.bias = nn.Parameter(torch.empty(4 * self.out_quaternions)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        fan_in = self.weight.shape[2] * math.prod(self.weight.shape[3:])
-        quaternion_init_(self.weight, fan_in)
+        if self.init == "he":
+            fan_in = self.weight.shape[2] * math.prod(self.weight.shape[3:])
+        else:
+            fan_in = study_fan_in(self.weight.shape[2], self.kernel_arg)
+        quaternion_init_(self.weight, fan_in, scheme=self.init)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -178,13 +214,13 @@ class _QuaternionLayer(nn.Module):
 class QLinear(_QuaternionLayer):
     """Quaternion fully connected layer; ``in_features``/``out_features`` are real widths."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, init: str = "he"):
         super().__init__()
         _check_divisible(in_features, "in_features")
         _check_divisible(out_features, "out_features")
         self.in_features, self.out_features = in_features, out_features
         self.in_quaternions, self.out_quaternions = in_features // 4, out_features // 4
-        self._init_parameters((), 1, bias)
+        self._init_parameters((), 1, bias, init)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.block_weight(), self.bias)
@@ -211,6 +247,7 @@ class QConv2d(_QuaternionLayer):
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         bias: bool = True,
+        init: str = "he",
     ):
         super().__init__()
         _check_divisible(in_channels, "in_channels")
@@ -223,9 +260,10 @@ class QConv2d(_QuaternionLayer):
                 f"({self.in_quaternions} in, {self.out_quaternions} out)"
             )
         self.kernel_size = nn.modules.utils._pair(kernel_size)
+        self.kernel_arg = kernel_size
         self.stride, self.padding = stride, padding
         self.dilation, self.groups = dilation, groups
-        self._init_parameters(self.kernel_size, groups, bias)
+        self._init_parameters(self.kernel_size, groups, bias, init)
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.block_weight()

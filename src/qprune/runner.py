@@ -26,9 +26,10 @@ from .data import load_data
 from .engine import Engine, resolve_engine
 from .errors import ConfigError
 from .models import build_model, count_parameters, dense_real_parameters, parameter_counts
-from .protocols import baseline_init, make_protocol, should_stop, train_baselines
+from .levels import LevelContext, Trial, copy_state
+from .protocols import baseline_init, make_protocol, train_baselines
 from .pruning import Masks, prunable_weights
-from .reporting import LocalFiles, ProgressObserver, RunInfo, RunLogger
+from .reporting import ProgressObserver, RunInfo, RunLogger
 from .settings import Settings, run_identity
 from .store import RunDirectory
 from .training import EagerTrainer, LevelTraining
@@ -57,14 +58,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def level_generator(seed: int, level: int, device: torch.device, stream: int = 0) -> torch.Generator:
-    """The data-order and augmentation RNG of one level: a function of (seed, level) only.
-
-    ``stream`` > 0 gives other, independent numbers of the same level (a baseline's random masks).
-    """
-    return torch.Generator(device=device).manual_seed(seed * 100_003 + level + stream * 1_000_000_007)
-
-
 class _LevelObserver(ProgressObserver):
     """Progress, per-epoch logging, and a copy of the weights after ``rewind_step`` steps (level 0)."""
 
@@ -76,7 +69,7 @@ class _LevelObserver(ProgressObserver):
     def on_step(self, step: int) -> None:
         super().on_step(step)
         if step == self.rewind_step:
-            self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.state = copy_state(self.model.state_dict())
 
     def on_epoch_end(self, stats) -> None:
         super().on_epoch_end(stats)
@@ -89,24 +82,6 @@ def run_name(s: Settings) -> str:
 
 
 LoggerFactory = Callable[[int], list[RunLogger]]
-
-
-class Trial:
-    """One run of a :class:`LevelRunner`: its seed, directory, model, checkpoints and finished levels.
-
-    With ``trials=K`` run k is exactly the single run with seed ``seed + k`` (same initialisation,
-    data order and results), written to ``<run dir>/trial_<k>/``, a complete run directory.
-    """
-
-    def __init__(self, index: int, settings: Settings, run_dir: Path, config: dict, loggers: list[RunLogger]):
-        self.index, self.s, self.config = index, settings, config
-        self.run_dir, self.store = Path(run_dir), RunDirectory(run_dir)
-        self.loggers = [LocalFiles(), *loggers]
-        self.records: list[dict] = []
-        self.model: nn.Module | None = None
-        self.init: dict | None = None
-        self.rewind: dict | None = None
-        self.reinit: dict | None = None   # the random-reinit baseline's initialisation
 
 
 class LevelRunner:
@@ -145,9 +120,8 @@ class LevelRunner:
         error = None
         try:
             for level in range(first, s.prune.levels + 1):
-                if should_stop([t.records for t in self.trials], s.protocol):
-                    log.info("stopping: %d successive levels below %g%% test accuracy", s.protocol.stop_after,
-                             s.protocol.stop_below)
+                if reason := self.protocol.stop_reason(level):
+                    log.info("stopping before level %d: %s", level, reason)
                     break
                 self._train_level(level)
         except BaseException as exc:
@@ -182,14 +156,15 @@ class LevelRunner:
             t.store.claim(run_identity(t.config), s.resume)
             t.init = t.store.load_checkpoint("init")
             if t.init is None:
-                t.init = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+                t.init = copy_state(t.model.state_dict())
                 t.store.save_checkpoint("init", t.init)
             t.rewind = t.init if self.rewind_step == 0 else t.store.load_checkpoint("rewind")
             if "random_reinit" in s.baselines:
                 torch.manual_seed(baseline_init(t.s.seed))
                 t.reinit = build_model(s.model, s.algebra, data.num_classes, data.image_shape, **s.model_options).state_dict()
         self.trainer = self._trainer(resolve_engine(s.train.engine, device))
-        self.protocol = make_protocol(self)
+        self.context = LevelContext(s, self.trials, self.weights, self.trainer, device)
+        self.protocol = make_protocol(self.context)
         return s
 
     def _trainer(self, engine: str) -> EagerTrainer | Engine:
@@ -199,13 +174,6 @@ class LevelRunner:
             return EagerTrainer(models[0], self.data, self.s.train)
         log.info("training with the %s engine%s", engine, f", {len(models)} runs per step" if len(models) > 1 else "")
         return Engine(models, self.data, self.s.train, [w.name for w in self.weights], graph=engine == "graph")
-
-    def generator(self, seed: int, level: int, stream: int = 0) -> torch.Generator:
-        return level_generator(seed, level, self.data.device, stream)
-
-    def generators(self, level: int) -> list[torch.Generator]:
-        """Each run's data order and augmentation for ``level``."""
-        return [self.generator(t.s.seed, level) for t in self.trials]
 
     def _train_level(self, level: int) -> None:
         """Prune, rewind and train every run at ``level``; each run's record is saved to its directory."""
@@ -218,11 +186,12 @@ class LevelRunner:
                            mode=s.progress if t.index == 0 or s.progress == "none" else "plain")
             for t, info in zip(self.trials, infos)
         ]
-        trainings = self.trainer.train_level(masks, self.generators(level), observers)
+        trainings = self.trainer.train_level(masks, self.context.generators(level), observers,
+                                             self.protocol.level_optimizers(level))
         extra = self.protocol.level_trained(level, trainings)
         if s.baselines and level > 0:
-            weights = [{k: v.detach().clone() for k, v in t.model.state_dict().items()} for t in self.trials]
-            for k, columns in train_baselines(self, level, masks, self.protocol).items():
+            weights = [copy_state(t.model.state_dict()) for t in self.trials]
+            for k, columns in train_baselines(self.context, level, masks, self.protocol).items():
                 extra.setdefault(k, {}).update(columns)
             for t, w in zip(self.trials, weights):
                 t.model.load_state_dict(w)

@@ -122,11 +122,15 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def run_identity(cfg: DictConfig | dict) -> dict[str, Any]:
-    """The dotted config keys that define a run's results (see NOT_IDENTITY)."""
+    """The dotted config keys that define a run's results (see NOT_IDENTITY).
+
+    Keys whose value is null are left out: an option added later with a null default (its
+    behaviour unchanged) then keeps every earlier run's identity, so old runs still resume.
+    """
     flat = flatten({k: v for k, v in _plain(cfg).items() if k != "hydra"})
     return {
         k: (list(v) if isinstance(v, tuple) else v)
         for k, v in sorted(flat.items())
-        if not any(k == skip or k.startswith(skip + ".") for skip in NOT_IDENTITY)
+        if v is not None and not any(k == skip or k.startswith(skip + ".") for skip in NOT_IDENTITY)
     }
 

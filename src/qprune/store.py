@@ -5,6 +5,8 @@
     checkpoints/rewind.pt        the rewind point, when it is not the initialisation
     levels/level_NN/masks.pt     the level's masks, packed 8 per byte (``pack_masks``)
     levels/level_NN/weights.pt   the level's trained weights
+    levels/level_NN/optimizer.pt protocol.phase_b_optimizer=carry: the optimizer state the next
+                                 level continues from (kept for the two newest levels)
     levels/level_NN/result.json  the level's row and per-epoch history — written last: its
                                  presence is what marks the level finished
     mask_rounds/round_NN/        protocol=paper, phase A: masks.pt, result.json and, for the
@@ -138,6 +140,23 @@ class RunDirectory:
                 f"{directory} has no weights.pt to resume from (save.weights=none?); pass resume=false to start over"
             )
         return self.load_masks(level), load_tensors(directory / "weights.pt")
+
+    def level_finished(self, level: int) -> bool:
+        return (self.level_dir(level) / "result.json").is_file()
+
+    def save_level_optimizer(self, level: int, state: dict[str, dict[str, Tensor]]) -> None:
+        atomic_save({n: host_copies(s) for n, s in state.items()}, self.level_dir(level) / "optimizer.pt")
+
+    def load_level_optimizer(self, level: int) -> dict[str, dict[str, Tensor]]:
+        path = self.level_dir(level) / "optimizer.pt"
+        if not path.is_file():
+            raise ConfigError(f"{path} is missing: the next level carries this level's optimizer state on "
+                              f"(protocol.phase_b_optimizer=carry); delete {path.parent} to retrain that level, "
+                              "or pass resume=false to start over")
+        return load_tensors(path)
+
+    def drop_level_optimizer(self, level: int) -> None:
+        (self.level_dir(level) / "optimizer.pt").unlink(missing_ok=True)
 
     def load_masks(self, level: int) -> dict[str, Tensor]:
         return unpack_masks(load_tensors(self.level_dir(level) / "masks.pt"))

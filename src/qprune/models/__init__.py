@@ -13,7 +13,7 @@ of model names (each has a ``conf/model/<name>.yaml``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -52,19 +52,23 @@ MODELS: dict[str, ModelSpec] = {
 
 def build_model(
     name: str, algebra: str | Algebra = "real3", num_classes: int = 10, image_shape: ImageShape | None = None,
-    **options,
+    *, init: str | None = None, **options,
 ) -> Classifier:
     """Build model ``name`` in number system ``algebra`` for ``image_shape`` (C, H, W) images.
 
     ``image_shape`` defaults to the model's usual data (MNIST for LeNet, CIFAR for the others);
+    ``init`` sets the quaternion initialisation (``he`` or ``study``; default: the algebra's);
     ``options`` override the architecture (e.g. ``hidden=(512, 256)``; see ``MODELS``).
     """
     if name not in MODELS:
         raise ConfigError(f"model must be one of {', '.join(MODELS)}, got {name!r}")
     spec = MODELS[name]
+    algebra = get_algebra(algebra)
+    if init is not None:
+        algebra = replace(algebra, init=init)
     if unknown := set(options) - set(spec.options):
         raise ConfigError(f"model {name} has no option(s) {sorted(unknown)}; it takes {sorted(spec.options)}")
-    return spec.build(get_algebra(algebra), tuple(image_shape or spec.image), num_classes, **{**spec.options, **options})
+    return spec.build(algebra, tuple(image_shape or spec.image), num_classes, **{**spec.options, **options})
 
 
 def count_parameters(model: nn.Module) -> int:
