@@ -36,6 +36,9 @@ def parse_args(argv):
     p.add_argument("--work", type=Path, default=Path(os.environ.get("QPRUNE_OUTPUTS", "outputs")) / "reproduce")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results")
     p.add_argument("--label", default="", help="a line for the report (e.g. what machine, why the schedule is short)")
+    p.add_argument("--aggregation", choices=("both", "mean", "study"), default="both",
+                   help="mean: each level over the seeds that reached it (n shown); study: the original's plots "
+                        "(every seed cut to the shortest, means <= 30%% dropped); both (default)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     own, overrides = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     args = p.parse_args(own)
@@ -85,6 +88,15 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
+def choices(runs: list[dict]) -> str:
+    """Which of the original code's choices the runs used (fidelity=original) and which are qprune's corrections."""
+    seen = sorted({(r["init"], r["phase_b_optimizer"], r["stop_rule"]) for r in runs})
+    names = {("study", "carry", "study"): "the original code's choices (fidelity=original)",
+             ("he", "fresh", "two_below"): "qprune's corrections (fidelity=corrected)"}
+    return "; ".join(f"quaternion init `{i}`, phase-B optimizer `{o}`, stop rule `{r}`"
+                     + (f": {names[(i, o, r)]}" if (i, o, r) in names else "") for i, o, r in seen)
+
+
 def report(figure: str, summary, runs: list[dict], args, wall: float) -> str:
     """docs/results/<figure>.md: how it was made, then mean ± std per level and algebra."""
     small = [o for o in args.overrides if not o.startswith(("logger", "progress", "data.root", "data.cache", "device"))]
@@ -99,7 +111,7 @@ def report(figure: str, summary, runs: list[dict], args, wall: float) -> str:
         f"- command: `python scripts/reproduce.py {figure} --seeds {args.seeds}"
         + (f" --algebras {args.algebras}" if args.algebras else "") + (f" --levels {args.levels}" if args.levels else "")
         + (f" -- {' '.join(args.overrides)}" if args.overrides else "") + "`",
-        f"- protocol: `paper` (conf/experiment/paper/{figure}.yaml); seeds {args.seeds}",
+        f"- protocol: `paper` (conf/experiment/paper/{figure}.yaml); seeds {args.seeds}; {choices(runs)}",
         f"- device: {device_name()}; date {datetime.now(timezone.utc):%Y-%m-%d}",
         f"- time: training summed over the {len(runs)} runs: {_duration(sum(r['train_seconds'] for r in runs))} for the "
         f"reported levels (phase B) + {_duration(sum(r['mask_seconds'] for r in runs))} for phase A's mask rounds "
@@ -126,7 +138,17 @@ def report(figure: str, summary, runs: list[dict], args, wall: float) -> str:
         lines.append(f"| {level} | " + " | ".join(cells) + " |")
     lines += ["", "Mean ± sample std over seeds; `n` runs reached the level. Full tables: "
               f"`{figure}.csv` (per level and algebra, with the phase-A accuracy `mask_test_acc`).", ""]
-    lines += matched_table(curves)
+    if args.aggregation in ("both", "mean"):
+        lines += matched_table(curves)
+    if args.aggregation in ("both", "study"):
+        from types import SimpleNamespace
+
+        from qprune.aggregate import study_view
+
+        study = [SimpleNamespace(label=c.label, points=study_view(c)) for c in curves]
+        lines += ["The same comparison aggregated as the original study's plots did (every seed cut to the "
+                  "shortest seed's levels, levels whose mean is at or below 30% dropped):", ""]
+        lines += matched_table(study) or ["(no share of the real parameters is covered by two curves)", ""]
     return "\n".join(lines)
 
 
@@ -193,8 +215,13 @@ def main(argv=None) -> int:
     facts = []
     for run in summary.runs:
         meta = json.loads((run.path / "levels.json").read_text())
+        config = meta.get("config") or {}
+        protocol = config.get("protocol") or {}
         facts.append({"data_source": meta.get("data_source", "?"), "train_seconds": sum(r["train_seconds"] for r in run.rows),
-                      "mask_seconds": round_seconds(run.path, meta.get("config") or {})})
+                      "mask_seconds": round_seconds(run.path, config),
+                      "init": (config.get("algebra") or {}).get("init", "he"),
+                      "phase_b_optimizer": protocol.get("phase_b_optimizer", "fresh"),
+                      "stop_rule": protocol.get("stop_rule", "two_below")})
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(summary.figure, args.out / f"{args.figure}.png")
     shutil.copyfile(work / "sweep_mean.csv", args.out / f"{args.figure}.csv")

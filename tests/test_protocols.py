@@ -185,6 +185,8 @@ def test_reproduce_script_writes_the_figure_report(data_root, cache_dir, tmp_pat
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     report = (out / "lenet_12_mnist.md").read_text()
     assert "Small-scale run, not the study's schedule" in report and "MNIST/raw" in report and "phase A's mask rounds" in report
+    assert "the original code's choices (fidelity=original)" in report
+    assert "aggregated as the original study's plots did" in report
     table = [line for line in report.splitlines() if line.startswith("| 1 |")]
     assert len(table) == 1 and table[0].count("(n=1)") == 2  # real3 and quat at level 1
     assert (out / "lenet_12_mnist.png").stat().st_size > 10_000

@@ -154,6 +154,18 @@ def mean_curves(runs: Sequence[SweepRun]) -> list[Curve]:
     return curves
 
 
+def study_view(curve: Curve, threshold: float = 30.0) -> list[dict]:
+    """The curve as the original study's plots aggregated it: every seed cut to the shortest seed's
+    levels, and the levels whose mean test accuracy is at or below ``threshold`` dropped.
+
+    qprune's own points (:func:`mean_curves`) instead average each level over the seeds that reached
+    it and show that count, so a seed that stopped early does not hide the others' deeper levels.
+    """
+    shortest = min(len(run.rows) for run in curve.runs)
+    return [p for p in curve.points if p["level"] < shortest
+            and p["test_acc_mean"] is not None and p["test_acc_mean"] > threshold]
+
+
 def _mean_std(name: str, values: list) -> dict:
     """Mean and sample standard deviation (n - 1); None where a value is missing or n = 1 for the std."""
     if not values or any(v is None for v in values):
