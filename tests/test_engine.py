@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 
+import graph_stand_in
 from qprune import build_model
 from qprune.data import device_data
 from qprune.engine import Engine, resolve_engine
@@ -164,69 +165,22 @@ def test_engine_choice():
         TrainSettings(precision="fp16")
 
 
-class _StandInGraph:
-    """A CUDA graph stand-in for the CPU: 'capture' records the step, runs it, then undoes it; replay reruns it."""
-
-    def __init__(self):
-        self.step = None
-
-    def replay(self):
-        self.step()
-
-    def pool(self):
-        return None
-
-
 def test_graph_orchestration_with_stand_in_graphs(data, monkeypatch):
     """The graph path's bookkeeping, on the CPU: warm-up undone, one graph per batch shape, reuse across levels.
 
     (The captured kernels themselves are checked on a GPU by tests/test_engine_gpu.py.)
     """
-    import contextlib
-
-    capturing = {}
-    step = Engine._step
-
-    def recording_step(engine, batch):
-        if "graph" in capturing:  # what a capture would record: the step of this shape, not its effects
-            graph = capturing.pop("graph")
-            graph.step = lambda: step(engine, batch)
-            saved = [t.detach().clone() for t in (*engine.params.values(), engine.cursor, engine.loss_sum)]
-            optimizer = copy.deepcopy(engine.optimizer.state_dict())
-            step(engine, batch)
-            with torch.no_grad():
-                for t, v in zip((*engine.params.values(), engine.cursor, engine.loss_sum), saved):
-                    t.copy_(v)
-            engine.optimizer.load_state_dict(optimizer)
-            return
-        step(engine, batch)
-
-    @contextlib.contextmanager
-    def graph_context(graph, pool=None):
-        capturing["graph"] = graph
-        yield
-
-    class Stream:
-        def wait_stream(self, other):
-            pass
-
-    monkeypatch.setattr(Engine, "_step", recording_step)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _StandInGraph)
-    monkeypatch.setattr(torch.cuda, "graph", graph_context)
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-
+    stand_in = graph_stand_in.install(monkeypatch)
     settings = TrainSettings(lr=1e-3, epochs=2)
     model, masks, names = pruned_model("quat", 5)
     init = copy.deepcopy(model.state_dict())
     reference = copy.deepcopy(model)
-    engine = Engine([model], data, settings, names)
-    engine.graph = True  # the CPU stands in for the GPU
-    engine.train_level([masks], [torch.Generator().manual_seed(0)])
+    engine = Engine([model], data, settings, names, graph=True)
+    first = engine.train_level([masks], [torch.Generator().manual_seed(0)])[0]
     train_level(reference, data, masks, settings, torch.Generator().manual_seed(0))
-    assert sorted(engine._graphs) == [20, 60]
-    assert max_difference(model, reference) < 1e-6, "the warm-up steps before the capture leave no trace"
+    assert sorted(engine._graphs) == [20, 60] and first.engine == "graph"
+    assert max_difference(model, reference) < 1e-6, "the warm-up and check steps before training leave no trace"
+    assert stand_in.replays == 4 + 2 * 11  # the check's (3 full batches, the last one), then 2 epochs
 
     graphs = dict(engine._graphs)
     masks_1 = prune(model, masks, prunable_weights(model), PruneSettings(rate=0.2))
@@ -236,6 +190,7 @@ def test_graph_orchestration_with_stand_in_graphs(data, monkeypatch):
     engine.train_level([masks_1], [torch.Generator().manual_seed(1)])
     train_level(reference, data, masks_1, settings, torch.Generator().manual_seed(1))
     assert engine._graphs == graphs, "captured once per run, not per level"
+    assert len(stand_in.captures) == 2 and stand_in.replays == 4 + 4 * 11
     assert max_difference(model, reference) < 1e-6
 
 

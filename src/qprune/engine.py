@@ -13,7 +13,9 @@ but kernels is left between steps:
 - forward, loss, backward, gradient masking (one foreach multiply) and a fused, capturable
   optimizer step are captured once (after a warm-up on a side stream) and replayed; loss sums
   accumulate on the device and are read once per epoch, with the evaluation;
-- the graphs are reused for every level: weights, masks and optimizer state are reset *in place*.
+- the graphs are reused for every level: weights, masks and optimizer state are reset *in place*;
+- before a run trusts them, the graphs' first steps are checked against the same steps run eagerly
+  (:mod:`qprune.graphs`, which also lists what a captured step must not do).
 
 ``trials=K`` trains K runs of the same model (each with its own initialisation, data order,
 masks and results) by one step: ``torch.func.vmap`` over their stacked parameters. The K models
@@ -21,7 +23,8 @@ stay ordinary modules whose parameters are views into the stacked tensors, so pr
 rewinding and saving work on each run as if it were alone.
 
 Without CUDA (or with ``graph=False``) the same step runs eagerly: that is how it is tested on
-the CPU against the reference loop.
+the CPU against the reference loop. ``train.engine=auto`` wraps the graph engine in
+:class:`qprune.fallback.FailSafeTrainer`, which falls back to the eager loop if capture or check fail.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from . import graphs
 from .data import DeviceData, Split
 from .errors import ConfigError
 from .pruning import Masks
@@ -43,14 +47,18 @@ from .training import (
     set_precision,
 )
 
-WARMUP_STEPS = 3  # eager steps per batch shape before the capture (lazy optimizer state, cuDNN autotuning)
+
+
+def supports_graphs(device: torch.device) -> bool:
+    """Whether the step can be captured on ``device`` (CUDA only; tests stand in for a GPU on the CPU)."""
+    return device.type == "cuda"
 
 
 def resolve_engine(engine: str, device: torch.device) -> str:
     """``train.engine`` -> ``eager`` or ``graph`` on ``device`` (auto: graph on CUDA, eager elsewhere)."""
     if engine == "auto":
-        return "graph" if device.type == "cuda" else "eager"
-    if engine == "graph" and device.type != "cuda":
+        return "graph" if supports_graphs(device) else "eager"
+    if engine == "graph" and not supports_graphs(device):
         raise ConfigError(f"train.engine=graph needs a CUDA device (device is {device.type}); use train.engine=auto or eager")
     return engine
 
@@ -69,7 +77,7 @@ class Engine:
         graph: bool = False, channels_last: bool = False,
     ):
         device = data.device
-        if graph and device.type != "cuda":
+        if graph and not supports_graphs(device):
             raise ConfigError("train.engine=graph needs a CUDA device; use train.engine=auto or eager")
         self.models, self.trials = list(models), len(models)
         self.data, self.settings, self.graph = data, settings, graph
@@ -98,6 +106,7 @@ class Engine:
         self.cursor = torch.zeros((), dtype=torch.long, device=device)  # the step within the epoch
         self.loss_sum = torch.zeros(k, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._captured_with: list[dict] | None = None  # the optimizer's hyperparameters baked into the graphs
 
     # ------------------------------------------------------------------ the K runs' tensors
     def _bind(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -153,35 +162,25 @@ class Engine:
         else:
             self._step(batch)
 
-    def _batch_sizes(self) -> list[int]:
+    def batch_sizes(self) -> list[int]:
+        """The step's shapes: full batches, and the last partial batch of the epoch if there is one."""
         return sorted({self.settings.batch_size, self.tail})
 
-    def _capture(self) -> None:
-        """Warm up on a side stream, capture one graph per batch shape, then undo the warm-up's steps."""
-        saved = [t.detach().clone() for t in (*self.params.values(), *self.buffers.values())]
-        autotune = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_STEPS):
-                    for batch in self._batch_sizes():
-                        self.cursor.zero_()
-                        self._step(batch)
-            torch.cuda.current_stream().wait_stream(side)
-            pool = None
-            for batch in self._batch_sizes():
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):  # the graphs run one after the other: one memory pool
-                    self._step(batch)
-                pool = graph.pool()
-                self._graphs[batch] = graph
-        finally:
-            torch.backends.cudnn.benchmark = autotune
-        with torch.no_grad():
-            for tensor, value in zip((*self.params.values(), *self.buffers.values()), saved):
-                tensor.copy_(value)
+    def prepare_graphs(self) -> None:
+        """Capture the step (once per engine) and check it against the eager step; raise if either fails.
+
+        The capture records whatever the modules do now, so they are put in training mode first, and
+        the data buffers hold a real epoch (from a fixed generator, not a run's) for the warm-up and
+        the check; the level's own epoch replaces it.
+        """
+        if self._graphs:
+            return
+        self._set_training(True)
+        device = self.data.device
+        self._load_epoch([torch.Generator(device=device).manual_seed(graphs.CHECK_SEED + k) for k in range(self.trials)])
+        captured = graphs.capture(self)
+        graphs.check(self, captured)
+        self._graphs, self._captured_with = captured, _hyperparameters(self.optimizer)
 
     # ------------------------------------------------------------------ levels and epochs
     @torch.no_grad()
@@ -190,10 +189,15 @@ class Engine:
         for name, mask in zip(self.masked_names, self.masks):
             for k in range(self.trials):
                 self._of_run(mask, k).copy_(masks[k][name])
+        self.zero_optimizer_state()
+
+    @torch.no_grad()
+    def zero_optimizer_state(self) -> None:
+        """Adam's step and moments, SGD's momentum to zero, in place: the same as a new optimizer."""
         for state in self.optimizer.state.values():
             for value in state.values():
                 if torch.is_tensor(value):
-                    value.zero_()  # Adam's step, moments; SGD's momentum: the same as a new optimizer
+                    value.zero_()
 
     def _of_run(self, tensor: Tensor, k: int) -> Tensor:
         return tensor if self.trials == 1 else tensor[k]
@@ -247,14 +251,17 @@ class Engine:
         if not len(masks) == len(generators) == k_runs:
             raise ValueError(f"{k_runs} runs need {k_runs} masks and generators, got {len(masks)} and {len(generators)}")
         observers = list(observers) if observers is not None else [Observer() for _ in range(k_runs)]
-        set_precision(s.precision)
-        if self.graph and not self._graphs:
-            self._capture()  # before the reset: the warm-up steps leave optimizer state behind
+        set_precision(s.precision)  # before the capture: the graphs keep the kernels chosen under it
+        if self.graph:
+            self.prepare_graphs()  # before the reset: the warm-up steps leave optimizer state behind
+            if _hyperparameters(self.optimizer) != self._captured_with:
+                raise RuntimeError("the optimizer's hyperparameters changed after the CUDA-graph capture; "
+                                   "the graphs still use the old ones (build a new Engine)")
         self._reset(masks)
         if optimizer_states is not None:
             self._load_optimizer_states(optimizer_states)
         self._set_training(True)
-        results = [LevelTraining() for _ in range(k_runs)]
+        results = [LevelTraining(engine="graph" if self.graph else "eager") for _ in range(k_runs)]
         step, seconds, device = 0, 0.0, self.data.device
         for epoch in range(1, (epochs or s.epochs) + 1):
             for observer in observers:
@@ -289,6 +296,11 @@ class Engine:
         for result in results:
             result.steps, result.seconds = step, seconds
         return results
+
+
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """The parameter groups' settings (lr, betas, weight decay, ...): fixed in a captured step."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
 
 
 def _stack_and_view(models: Sequence[nn.Module], name: str, parameter: bool) -> Tensor:

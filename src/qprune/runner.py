@@ -25,6 +25,7 @@ from torch import nn
 from .data import load_data
 from .engine import Engine, resolve_engine
 from .errors import ConfigError
+from .fallback import FailSafeTrainer
 from .models import build_model, count_parameters, dense_real_parameters, parameter_counts
 from .levels import LevelContext, Trial, copy_state
 from .protocols import baseline_init, make_protocol, train_baselines
@@ -167,13 +168,22 @@ class LevelRunner:
         self.protocol = make_protocol(self.context)
         return s
 
-    def _trainer(self, engine: str) -> EagerTrainer | Engine:
-        """The eager reference loop for one run on the CPU, else the engine (K runs per step, CUDA graphs)."""
+    def _trainer(self, engine: str) -> EagerTrainer | Engine | FailSafeTrainer:
+        """The eager reference loop for one run on the CPU, else the engine (K runs per step, CUDA graphs);
+        ``train.engine=auto`` on CUDA falls back to the eager choice if the graph step fails (fallback.py)."""
         models = [t.model for t in self.trials]
+
+        def build(choice: str) -> EagerTrainer | Engine:
+            if choice == "eager" and len(models) == 1:
+                return EagerTrainer(models[0], self.data, self.s.train)
+            return Engine(models, self.data, self.s.train, [w.name for w in self.weights], graph=choice == "graph")
+
         if engine == "eager" and len(models) == 1:
-            return EagerTrainer(models[0], self.data, self.s.train)
+            return build(engine)
         log.info("training with the %s engine%s", engine, f", {len(models)} runs per step" if len(models) > 1 else "")
-        return Engine(models, self.data, self.s.train, [w.name for w in self.weights], graph=engine == "graph")
+        if engine == "graph" and self.s.train.engine == "auto":
+            return FailSafeTrainer(lambda: build("graph"), lambda: build("eager"), models)
+        return build(engine)
 
     def _train_level(self, level: int) -> None:
         """Prune, rewind and train every run at ``level``; each run's record is saved to its directory."""
@@ -238,4 +248,5 @@ def training_columns(training: LevelTraining) -> dict:
         "epochs": len(training.epochs),
         "steps": training.steps,
         "train_seconds": round(training.seconds, 2),
+        "engine": training.engine,
     }

@@ -8,10 +8,9 @@ dataset, a quaternion width not divisible by 4) and names what identifies a run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from .algebra import Algebra
 from .data import DataSettings, DatasetSettings
@@ -20,6 +19,9 @@ from .models import MODELS, build_model
 from .protocols import ProtocolSettings, check_baselines
 from .pruning import PruneSettings
 from .training import TrainSettings
+
+if TYPE_CHECKING:  # OmegaConf only when a Hydra config comes in: the runner works without it (scripts/gpu_check.py)
+    from omegaconf import DictConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 SAVE_WEIGHTS = ("all", "last")
@@ -105,9 +107,11 @@ class Settings:
 
 
 def _plain(cfg: DictConfig | dict) -> dict[str, Any]:
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return cfg
+    if isinstance(cfg, dict):
+        return cfg
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:

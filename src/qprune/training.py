@@ -81,6 +81,7 @@ class LevelTraining:
     epochs: list[EpochStats] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
+    engine: str = "eager"  # what trained it: eager | graph | eager (fallback: why the graph was not used)
 
     @property
     def test_acc(self) -> float:
