@@ -164,3 +164,73 @@ def test_fp32_turns_tf32_off_for_matmuls_and_convolutions():
     fp32 = errors()
     assert fp32[0] < 1e-5 and fp32[1] < 1e-5, fp32
     assert tf32[0] > 10 * fp32[0], "TF32 matmuls are visibly less exact (so the switch does something)"
+
+
+# ---------------------------------------------------------------------------------------------- the check and the fallback
+@pytest.mark.parametrize("name,algebra,optimizer,precision,runs", [
+    ("lenet_300_100", "quat", "adam", "fp32", 1), ("lenet_300_100", "real3", "sgd", "tf32", 1),
+    ("lenet_300_100", "quat", "adam", "bf16", 3), ("conv2", "quat", "adam", "fp32", 1), ("conv2", "real4", "adam", "bf16", 1),
+    ("conv2", "quat", "adam", "tf32", 3), ("resnet20", "quat", "sgd", "fp32", 1), ("resnet20", "real4", "sgd", "bf16", 1),
+])
+def test_real_graphs_pass_their_check(mnist_gpu, rgb_gpu, name, algebra, optimizer, precision, runs):
+    """The check's tolerances hold for real captures: auto mode would keep the graphs (no false fallback)."""
+    data = mnist_gpu if name == "lenet_300_100" else rgb_gpu
+    models = [pruned(name, algebra, seed, data.image_shape)[0] for seed in range(runs)]
+    names = pruned(name, algebra, 0, data.image_shape)[2]
+    settings = TrainSettings(optimizer=optimizer, lr=1e-3 if optimizer == "adam" else 0.05, precision=precision)
+    set_precision(precision)
+    engine = Engine(models, data, settings, names, graph=True)
+    before = [copy.deepcopy(m.state_dict()) for m in models]
+    engine.prepare_graphs()  # raises GraphCheckError if a replay disagrees with the eager step
+    assert sorted(engine._graphs) == [20, 60]
+    for model, state in zip(models, before):
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), "capture and check leave no trace"
+    set_precision("fp32")
+
+
+def test_the_check_catches_a_graph_that_reads_stale_memory(mnist_gpu):
+    from qprune.graphs import GraphCheckError, check
+
+    model, _, names = pruned("lenet_300_100", "quat", 0)
+    engine = Engine([model], mnist_gpu, TrainSettings(lr=1e-3), names, graph=True)
+    engine.prepare_graphs()
+    engine.x = torch.zeros_like(engine.x)  # the eager step reads this new buffer, the graphs the old one
+    engine._load_epoch([generator(5)])
+    with pytest.raises(GraphCheckError):
+        check(engine, engine._graphs)
+
+
+def test_auto_falls_back_to_the_eager_loop_when_the_capture_fails(mnist_gpu, monkeypatch):
+    from qprune.fallback import FailSafeTrainer
+    from qprune.training import EagerTrainer
+
+    def failing_capture(*args, **kwargs):
+        raise RuntimeError("injected capture failure")
+
+    settings = TrainSettings(lr=1e-3, epochs=1)
+    start, masks, names = pruned("lenet_300_100", "quat", 3)
+    model, reference = copy.deepcopy(start), copy.deepcopy(start)
+    monkeypatch.setattr(torch.cuda, "graph", failing_capture)
+    trainer = FailSafeTrainer(lambda: Engine([model], mnist_gpu, settings, names, graph=True),
+                              lambda: EagerTrainer(model, mnist_gpu, settings), [model])
+    result = trainer.train_level([masks], [generator(1)])[0]
+    expected = train_level(reference, mnist_gpu, masks, settings, generator(1))
+    assert result.engine == "eager (fallback: RuntimeError: injected capture failure)"
+    assert_same_update(start, model, reference, tolerance=1e-3)  # the same eager loop from the same (restored) weights
+    assert result.test_acc == pytest.approx(expected.test_acc, abs=0.2)
+
+
+@pytest.mark.parametrize("name", ["lenet_300_100", "conv2"])
+def test_the_engine_step_has_no_host_syncs(mnist_gpu, rgb_gpu, name):
+    """The whole step, capturable fused Adam included, as the capture records it."""
+    data = mnist_gpu if name == "lenet_300_100" else rgb_gpu
+    model, _, names = pruned(name, "quat", 0, data.image_shape)
+    engine = Engine([model], data, TrainSettings(lr=1e-3, precision="bf16"), names, graph=True)
+    engine._load_epoch([generator(0)])
+    engine._step(60)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        engine._step(60)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
