@@ -15,9 +15,11 @@ turns it on). Prints a markdown table with each variant's ratio to real3.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convs (default: true fp32)")
+    parser.add_argument("--json", type=Path, help="also write the table as JSON (scripts/gpu_check.py reads it)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
@@ -109,6 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, params, median, best in rows:
         print(f"| {name} | {params:,} | {median:.2f} | {best:.2f} | {median / base:.2f} |")
     sys.stdout.flush()
+    if args.json:
+        args.json.write_text(json.dumps([{"variant": name, "parameters": params, "ms_median": median, "ms_min": best,
+                                          "x_real3": median / base} for name, params, median, best in rows], indent=1))
 
 
 if __name__ == "__main__":

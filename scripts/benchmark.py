@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,6 +131,12 @@ class Results:
             if (r.model, r.algebra, r.mode, r.runs) == (model, algebra, mode, runs) and precision in (None, r.precision):
                 return r
         return None
+
+    def as_json(self, machine: str) -> dict:
+        rows = [{**asdict(r), "its": r.its, "run_steps": r.run_steps, "tflops": r.tflops} for r in self.rows]
+        passes = [dict(zip(("model", "algebra", "forward_s", "backward_s", "flops"), p)) for p in self.passes]
+        lth = [dict(zip(("model", "algebra", "loop", "minutes"), e)) for e in self.lth]
+        return {"machine": machine, "rows": rows, "passes": passes, "lth_minutes": lth}
 
     def markdown(self, header: str) -> str:
         lines = [header, "", "| model | algebra | loop | precision | runs | ms/step | it/s | run-steps/s | TFLOP/s "
@@ -456,6 +463,7 @@ def main(argv=None) -> None:
                         help="also time the convnets' graph step in channels_last (tf32; default on CUDA without --quick)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--out", type=Path, help="also write the markdown tables to this file")
+    parser.add_argument("--json", type=Path, help="also write the measurements as JSON (scripts/gpu_check.py reads them)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -494,6 +502,8 @@ def main(argv=None) -> None:
     if args.out:
         args.out.write_text(table)
         log(f"written to {args.out}")
+    if args.json:
+        args.json.write_text(json.dumps(results.as_json(machine(device)), indent=1))
 
 
 if __name__ == "__main__":
