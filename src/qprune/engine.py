@@ -48,7 +48,6 @@ from .training import (
 )
 
 
-
 def supports_graphs(device: torch.device) -> bool:
     """Whether the step can be captured on ``device`` (CUDA only; tests stand in for a GPU on the CPU)."""
     return device.type == "cuda"
