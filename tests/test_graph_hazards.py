@@ -3,7 +3,7 @@
 - no host syncs, random numbers, data-dependent shapes or tensors made from host data in the step,
   for every model family and algebra (an audit of the step's aten ops);
 - every tensor the step reads stays where the capture found it through whole runs (levels, rewinds,
-  baselines, protocol=paper's carried optimizer state, trials): the stand-in graphs check addresses;
+  baselines, protocol=paper's optimizer state carried between rounds and into phase B, trials): the stand-in graphs check addresses;
 - the capture sees training mode, the run's precision switches and cuDNN autotuning; bf16 autocast
   keeps no weight cache; changed optimizer hyperparameters are refused.
 """
@@ -126,9 +126,10 @@ def run_tiny(overrides, run_dir, data_root, cache_dir):
 
 @pytest.mark.parametrize("overrides", [
     ["prune.levels=2", "prune.rewind=3it", "baselines=[random_reinit,random_prune]"],
-    ["protocol=paper", "protocol.mask_epochs=2", "prune.levels=2"],
+    ["protocol=paper", "protocol.mask_epochs=2", "prune.levels=2", "protocol.phase_b_optimizer=carry",
+     "protocol.stop_below=null"],
     ["trials=2"],
-], ids=["lth-rewind-baselines", "paper", "trials"])
+], ids=["lth-rewind-baselines", "paper-carry", "trials"])
 def test_nothing_the_step_reads_moves_during_a_run(data_root, cache_dir, tmp_path, monkeypatch, overrides):
     """Every replay of a whole run finds weights, masks, optimizer state and data buffers where the capture
     did: rewinds, new masks, baselines and carried optimizer state all write in place."""

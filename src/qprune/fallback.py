@@ -20,11 +20,10 @@ from torch import nn
 
 from .engine import Engine
 from .errors import ConfigError
-from .training import EagerTrainer, LevelTraining
+from .levels import Trainer
+from .training import LevelTraining
 
 log = logging.getLogger("qprune")
-
-Trainer = EagerTrainer | Engine
 
 
 class FailSafeTrainer:
