@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,10 +177,17 @@ class Check:
                 self.write()
                 continue
             print(f"[gpu_check] {TITLES[planned.step]} ({scale}) ...", flush=True)
-            STEPS[planned.step](self, outcome, scale, ESTIMATES.get(planned.step, {}).get(scale, 30.0))
+            started = time.monotonic()
+            try:
+                STEPS[planned.step](self, outcome, scale, ESTIMATES.get(planned.step, {}).get(scale, 30.0))
+            except Exception:  # noqa: BLE001 - a bug in reading a step's results must not hide the other steps
+                outcome.status, outcome.seconds = "FAILED", time.monotonic() - started
+                outcome.summary = "gpu_check.py could not read its results"
+                outcome.body += "\n" + tail(traceback.format_exc())
             print(f"[gpu_check] {TITLES[planned.step]}: {outcome.status} in {outcome.seconds:.0f} s", flush=True)
             self.write()
         self.write(final=True)
+        shutil.rmtree(self.work, ignore_errors=True)
         failed = [o.step for o in self.outcomes.values() if o.failed]
         print(f"[gpu_check] {'FAILED: ' + ', '.join(failed) if failed else 'all checks that ran passed'}; report: {self.out}")
         return 1 if failed else 0
@@ -194,7 +202,8 @@ class Check:
         lines += [f"| command | `{' '.join(self.args.argv)}` |",
                   f"| time | {elapsed:.0f} s of a {self.args.budget_s:.0f} s budget{'' if final else ' (still running)'} |", "",
                   f"**Result: {verdict}.**", "", "| step | scale | result | seconds | summary |", "| --- | --- | --- | ---: | --- |"]
-        lines += [f"| {TITLES[o.step]} | {o.scale} | {o.status} | {o.seconds:.0f} | {o.summary} |" for o in self.outcomes.values()]
+        lines += [f"| {TITLES[o.step]} | {o.scale} | {o.status} | {o.seconds:.0f} | {o.summary.replace('|', '/')} |"
+                  for o in self.outcomes.values()]
         lines += ["", "## Targets", "", targets_table(self.outcomes, judge=not self.args.dry_run), ""]
         for o in self.outcomes.values():
             if o.body:

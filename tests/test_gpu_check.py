@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,11 +63,13 @@ def test_a_failing_step_fails_the_check_and_the_others_still_run(cache_dir, tmp_
 
 def test_the_dry_run_cannot_import_what_a_fresh_gpu_machine_lacks(gpu_check, tmp_path):
     args = gpu_check.argparse.Namespace(dry_run=True, out=tmp_path / "r.md", data_root=tmp_path, cache=tmp_path, budget_s=60)
-    env = gpu_check.Check(args).env()
+    check = gpu_check.Check(args)
+    env = check.env()
     for package in ("hydra", "omegaconf", "wandb"):
         done = subprocess.run([sys.executable, "-c", f"import {package}"], env=env, capture_output=True, text=True)
         assert done.returncode != 0 and "is not on a fresh GPU machine" in done.stderr
     assert subprocess.run([sys.executable, "-c", "import qprune.runner, qprune.engine"], env=env).returncode == 0
+    shutil.rmtree(check.work)
 
 
 def test_the_budget_trims_the_sweep(gpu_check):
