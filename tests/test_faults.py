@@ -422,6 +422,19 @@ def test_a_finished_run_does_not_need_its_checkpoints(copy_of, data_root, cache_
     assert len(rows) == 3 and "all 3 levels are finished already" in caplog.text
 
 
+def test_a_run_of_several_resumes_when_one_of_them_is_finished(tmp_path, data_root, cache_dir, fast_mnist, one_thread):
+    """trials=2 killed between saving the two runs' last levels: the finished one needs its checkpoints still."""
+    overrides = [*BASE, "prune.levels=1", "trials=2"]
+    run_dir = tmp_path / "run"
+    LevelRunner(*_settings_dir_config(overrides, run_dir, data_root, cache_dir)).run()
+    expected = {k: load_tensors(run_dir / f"trial_{k}/levels/level_01/weights.pt") for k in (0, 1)}
+    shutil.rmtree(run_dir / "trial_1/levels/level_01")
+    LevelRunner(*_settings_dir_config(overrides, run_dir, data_root, cache_dir)).run()
+    for k in (0, 1):
+        weights = load_tensors(run_dir / f"trial_{k}/levels/level_01/weights.pt")
+        assert all(torch.equal(weights[n], expected[k][n]) for n in weights)
+
+
 def test_deleting_a_damaged_level_retrains_it_and_the_ones_after_it(reference, copy_of, data_root, cache_dir,
                                                                    fast_mnist, one_thread):
     run_dir = copy_of()

@@ -172,14 +172,17 @@ class LevelRunner:
                  self.counts["params_total"], 100 * self.counts["params_total"] / self.dense_real, self.counts["prunable_total"])
         self.rewind_step = parse_step_count(s.prune.rewind, s.train.steps_per_epoch(len(data.train)))
         for t in self.trials:
-            self._resume_state(t, device)
+            self._read_finished_levels(t, device)
+        if any(len(t.records) <= s.prune.levels for t in self.trials):  # finished: no checkpoint needed (nor read)
+            for t in self.trials:
+                self._load_checkpoints(t)
         self.trainer = self._trainer(resolve_engine(s.train.engine, device))
         self.context = LevelContext(s, self.trials, self.weights, self.trainer, device)
         self.protocol = make_protocol(self.context)
         return s
 
-    def _resume_state(self, t: Trial, device: torch.device) -> None:
-        """Claim the run's directory, read and check its finished levels, load its checkpoints (if a level is left)."""
+    def _read_finished_levels(self, t: Trial, device: torch.device) -> None:
+        """Claim the run's directory, read and check its finished levels."""
         s = self.s
         threads = torch.get_num_threads()
         started = t.store.claim(run_identity(t.config), s.resume, {"threads": threads})
@@ -194,8 +197,10 @@ class LevelRunner:
                             "only at one thread count, so the levels trained now may differ from an uninterrupted "
                             "run's (set OMP_NUM_THREADS=%d to match)", t.run_dir, started["threads"], threads,
                             started["threads"])
-        if len(t.records) > s.prune.levels:
-            return  # finished: nothing is trained, so no checkpoint is needed (a damaged one does not matter)
+
+    def _load_checkpoints(self, t: Trial) -> None:
+        """The run's initial weights (made and saved when it starts) and rewind point; checked against its model."""
+        s = self.s
         t.init = t.store.load_checkpoint("init")
         if t.init is None:
             t.init = copy_state(t.model.state_dict())
