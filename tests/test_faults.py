@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -33,8 +32,10 @@ import qprune.files
 import qprune.reporting
 import qprune.store
 from helpers import run_qprune
+from qprune.algebra import Algebra
 from qprune.cli import config_dir
-from qprune.data import DataSettings, load_data, load_raw
+from qprune.data import DataSettings, load_raw
+from qprune.data.sources import read_idx
 from qprune.engine import Engine
 from qprune.errors import ConfigError, DataError, RunDirectoryBusy, RunDirectoryError, StorageError
 from qprune.files import atomic_write_bytes
@@ -46,7 +47,6 @@ from qprune.runner import LevelRunner
 from qprune.settings import Settings, run_identity
 from qprune.store import RunDirectory, load_tensors
 from qprune.training import TrainSettings
-from qprune.algebra import Algebra
 
 REPO = Path(__file__).resolve().parents[1]
 # 3 levels of 10 steps, rewinding to step 5 (so checkpoints/rewind.pt exists)
@@ -83,14 +83,15 @@ def config(overrides, data_root: Path, cache_dir: Path) -> tuple[Settings, dict]
     return Settings.from_config(cfg), OmegaConf.to_container(cfg, resolve=True)
 
 
-def run(overrides, run_dir: Path, data_root: Path, cache_dir: Path) -> list[dict]:
-    LevelRunner(*_settings_dir_config(overrides, run_dir, data_root, cache_dir)).run()
-    return read_levels_csv(run_dir / "levels.csv")
-
-
-def _settings_dir_config(overrides, run_dir, data_root, cache_dir):
+def runner_for(overrides, run_dir: Path, data_root: Path, cache_dir: Path) -> LevelRunner:
+    """The level runner of ``python -m qprune OVERRIDES hydra.run.dir=RUN_DIR``, in this process."""
     settings, cfg = config(overrides, data_root, cache_dir)
-    return settings, run_dir, cfg
+    return LevelRunner(settings, run_dir, cfg)
+
+
+def run(overrides, run_dir: Path, data_root: Path, cache_dir: Path) -> list[dict]:
+    runner_for(overrides, run_dir, data_root, cache_dir).run()
+    return read_levels_csv(run_dir / "levels.csv")
 
 
 def without_timing(rows):
@@ -114,7 +115,7 @@ def same_levels(a: Path, b: Path, levels: int) -> None:
 
 
 def temporaries(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob(".*.tmp*")]
+    return list(folder.rglob(".*.tmp*"))
 
 
 @pytest.fixture(scope="module")
@@ -226,19 +227,24 @@ def test_corrupt_mnist_files_are_named(data_root, tmp_path):
         "t10k-labels-idx1-ubyte": (gzip.decompress(labels)[:5000],
                                    "is truncated or corrupt (4992 bytes of data where its header declares 10000)"),
     }
+    fix = "replace it with a good copy (delete it and set data.download=true when online)"
     for name, (data, message) in cases.items():
-        root = tmp_path / f"case-{name}"
-        (root / "MNIST" / "raw").mkdir(parents=True)
-        for file in raw.glob("*.gz"):  # the other files: the good ones
-            if file.name not in (name, name + ".gz"):
-                (root / "MNIST" / "raw" / file.name).symlink_to(file)
-        path = root / "MNIST" / "raw" / name
+        path = tmp_path / name
         path.write_bytes(data)
         with pytest.raises(DataError) as info:
-            load_raw("mnist", root, None, download=False)
-        text = str(info.value)
-        assert text.startswith(f"{path} {message}") and "\n" not in text, text
-        assert text.endswith("replace it with a good copy (delete it and set data.download=true when online)")
+            read_idx(path)
+        assert str(info.value).startswith(f"{path} {message}") and str(info.value).endswith(fix), str(info.value)
+    # and through the loader, in MNIST's own layout, the good files beside the damaged one
+    root = tmp_path / "root"
+    (root / "MNIST" / "raw").mkdir(parents=True)
+    for file in raw.glob("*.gz"):
+        if file.name != "t10k-labels-idx1-ubyte.gz":
+            (root / "MNIST" / "raw" / file.name).symlink_to(file)
+    damaged = root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
+    damaged.write_bytes(labels[: len(labels) // 2])
+    with pytest.raises(DataError) as info:
+        load_raw("mnist", root, None, download=False)
+    assert str(info.value) == f"{damaged} cannot be read (truncated): {fix}"
 
 
 # --------------------------------------------------------------------------- 2. the run-directory lock
@@ -261,7 +267,7 @@ def test_a_second_process_is_refused_at_once_naming_the_holder(tmp_path, data_ro
     run_dir = tmp_path / "run"
     holder = _hold_lock(run_dir)
     try:
-        runner = LevelRunner(*_settings_dir_config(BASE, run_dir, data_root, cache_dir))
+        runner = runner_for(BASE, run_dir, data_root, cache_dir)
         with pytest.raises(RunDirectoryBusy) as info:
             runner.run()
         assert str(info.value) == (f"{run_dir} is in use by another qprune process (pid {holder.pid}): wait for it to "
@@ -401,7 +407,7 @@ def test_a_damaged_run_directory_is_one_line_naming_the_file_and_the_fix(case, c
     path = run_dir / name
     written = path.stat().st_size
     damage(path)
-    runner = LevelRunner(*_settings_dir_config([*BASE, "prune.levels=3"], run_dir, data_root, cache_dir))
+    runner = runner_for([*BASE, "prune.levels=3"], run_dir, data_root, cache_dir)
     with pytest.raises(RunDirectoryError) as info:
         runner.run()
     text = str(info.value)
@@ -418,7 +424,7 @@ def test_a_finished_run_does_not_need_its_checkpoints(copy_of, data_root, cache_
     run_dir = copy_of()
     _truncate(run_dir / "checkpoints/init.pt")
     caplog.set_level(logging.INFO, logger="qprune")
-    rows = LevelRunner(*_settings_dir_config(BASE, run_dir, data_root, cache_dir)).run()
+    rows = runner_for(BASE, run_dir, data_root, cache_dir).run()
     assert len(rows) == 3 and "all 3 levels are finished already" in caplog.text
 
 
@@ -426,10 +432,10 @@ def test_a_run_of_several_resumes_when_one_of_them_is_finished(tmp_path, data_ro
     """trials=2 killed between saving the two runs' last levels: the finished one needs its checkpoints still."""
     overrides = [*BASE, "prune.levels=1", "trials=2"]
     run_dir = tmp_path / "run"
-    LevelRunner(*_settings_dir_config(overrides, run_dir, data_root, cache_dir)).run()
+    runner_for(overrides, run_dir, data_root, cache_dir).run()
     expected = {k: load_tensors(run_dir / f"trial_{k}/levels/level_01/weights.pt") for k in (0, 1)}
     shutil.rmtree(run_dir / "trial_1/levels/level_01")
-    LevelRunner(*_settings_dir_config(overrides, run_dir, data_root, cache_dir)).run()
+    runner_for(overrides, run_dir, data_root, cache_dir).run()
     for k in (0, 1):
         weights = load_tensors(run_dir / f"trial_{k}/levels/level_01/weights.pt")
         assert all(torch.equal(weights[n], expected[k][n]) for n in weights)
@@ -531,11 +537,11 @@ def test_a_finished_run_on_a_read_only_filesystem_is_reported_without_writing(co
                         real_open(path, flags, *a))
     monkeypatch.setattr(qprune.files, "open", read_only, raising=False)
     caplog.set_level(logging.INFO, logger="qprune")
-    rows = LevelRunner(*_settings_dir_config(BASE, run_dir, data_root, cache_dir)).run()
+    rows = runner_for(BASE, run_dir, data_root, cache_dir).run()
     assert [r["level"] for r in rows] == [0, 1, 2] and "all 3 levels are finished already" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
     with pytest.raises(RunDirectoryError) as info:
-        LevelRunner(*_settings_dir_config([*BASE, "prune.levels=3"], run_dir, data_root, cache_dir)).run()
+        runner_for([*BASE, "prune.levels=3"], run_dir, data_root, cache_dir).run()
     assert str(info.value) == (f"{run_dir} cannot be written (a read-only filesystem) and level 3 is left to train: copy "
                                "it to a writable folder and rerun with hydra.run.dir=<the copy> to resume it")
 
