@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError, QpruneError
+from .errors import ConfigError, QpruneError, RunDirectoryBusy
 from .reporting import RunLogger
 from .settings import Settings, run_identity
 
@@ -78,6 +78,9 @@ def _main(cfg: DictConfig) -> None:
         LevelRunner(settings, run_dir, config, lambda _trial: make_loggers(config.get("logger"), group)).run()
         log.info("results in %s", run_dir)
     except QpruneError as exc:
+        if isinstance(exc, RunDirectoryBusy) and hydra_cfg.mode == RunMode.MULTIRUN:
+            log.warning("skipped this job: %s", exc)  # the other process is running it
+            return
         print(f"qprune: error: {exc}", file=sys.stderr)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # Hydra records the failed job, runs the others and reports it at the end
@@ -85,7 +88,11 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    _main()
+    try:
+        _main()
+    except KeyboardInterrupt as exc:  # Ctrl-C: finished levels are on disk, so one line instead of a traceback
+        print(f"qprune: {exc or 'interrupted'}; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

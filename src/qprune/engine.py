@@ -12,7 +12,8 @@ but kernels is left between steps:
   enters batch-norm statistics;
 - forward, loss, backward, gradient masking (one foreach multiply) and a fused, capturable
   optimizer step are captured once (after a warm-up on a side stream) and replayed; loss sums
-  accumulate on the device and are read once per epoch, with the evaluation;
+  accumulate on the device and are read once per epoch, with the evaluation (a run whose loss
+  sum is not finite then stops: diverged, as in the eager loop; the others train on);
 - the graphs are reused for every level: weights, masks and optimizer state are reset *in place*;
 - before a run trusts them, the graphs' first steps are checked against the same steps run eagerly
   (:mod:`qprune.graphs`, which also lists what a captured step must not do).
@@ -30,6 +31,7 @@ the CPU against the reference loop. ``train.engine=auto`` wraps the graph engine
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Sequence
 
@@ -284,16 +286,18 @@ class Engine:
                 numbers.append(self.correct(self.data.val).float())
             numbers = torch.stack(numbers).tolist()  # the epoch's one host sync
             for k in range(k_runs):
+                if results[k].diverged:
+                    continue  # its weights are NaN; the other runs train on
                 stats = EpochStats(
                     epoch, step, numbers[0][k], 100.0 * int(numbers[1][k]) / len(self.data.test),
                     100.0 * int(numbers[2][k]) / len(self.data.val) if self.data.val is not None else None, seconds,
                 )
                 results[k].epochs.append(stats)
+                results[k].steps, results[k].seconds = step, seconds
                 observers[k].on_epoch_end(stats)
-            if s.max_steps is not None and step >= s.max_steps:
+                results[k].diverged = not math.isfinite(stats.train_loss)
+            if all(r.diverged for r in results) or (s.max_steps is not None and step >= s.max_steps):
                 break
-        for result in results:
-            result.steps, result.seconds = step, seconds
         return results
 
 

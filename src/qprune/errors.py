@@ -14,3 +14,19 @@ class ConfigError(QpruneError, ValueError):
 
 class DataError(QpruneError, FileNotFoundError):
     """A dataset cannot be found or read."""
+
+
+class StorageError(QpruneError, OSError):
+    """A file cannot be written (a full disk, a read-only filesystem): nothing half-written is left."""
+
+
+class RunDirectoryError(QpruneError):
+    """A run directory's file is missing or corrupt, so the run cannot be resumed as it is."""
+
+
+class RunDirectoryBusy(RunDirectoryError):
+    """Another process holds the run directory's lock (the same command running twice)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT), saying what it interrupted: the CLI prints it in one line, without a traceback."""

@@ -31,6 +31,9 @@ study describes); ``study`` is what its code did — phase A stops after ``stop_
 *rounds* below it, phase B at the *first* level below it and never past phase A's last round. With
 ``trials=K`` the runs stop together once each of them has met the rule.
 
+A level (or phase A's round) whose training loss stops being finite is marked ``status=diverged``
+and ends the run after it (phase A makes no round after a diverged one).
+
 Every round is on disk (``mask_rounds/round_NN/``: masks, the result, and for the newest round the
 weights and optimizer state phase A continues from; with ``carry`` the newest levels keep their
 optimizer state too), so a paper run resumes exactly.
@@ -38,12 +41,15 @@ optimizer state too), so a paper run resumes exactly.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 
 from .errors import ConfigError
 from .levels import LevelContext, Trial, copy_state
 from .pruning import Masks, prune, random_masks_like
 from .reporting import ProgressObserver
+
+log = logging.getLogger("qprune")
 
 PROTOCOLS = ("lth", "paper")
 BASELINES = ("random_reinit", "random_prune")
@@ -114,6 +120,8 @@ class LotteryTicket:
     def stop_reason(self, level: int) -> str | None:
         """Why no more levels are trained (None: train ``level``)."""
         p = self.ctx.settings.protocol
+        if reason := diverged(self.ctx):
+            return reason
         if should_stop([t.records for t in self.ctx.trials], p):
             return f"{p.stop_after} successive levels below {p.stop_below:g}% test accuracy"
         return None
@@ -160,7 +168,10 @@ class StudyProtocol(LotteryTicket):
 
     # ------------------------------------------------------------------ stopping
     def _rounds_stopped_before(self, round_: int) -> bool:
-        """``study``: phase A made no round ``round_`` (``stop_after`` successive rounds below the threshold before it)."""
+        """Phase A made no round ``round_``: the round before it diverged, or (``study``) ``stop_after``
+        successive rounds before it were below the threshold."""
+        if round_ > 0 and self._diverged_round(round_) is not None:
+            return True
         if self.p.stop_rule != "study" or self.p.stop_below is None or round_ == 0:
             return False
         n = self.p.stop_after
@@ -171,7 +182,19 @@ class StudyProtocol(LotteryTicket):
             return False
         return all(_below([res["row"] for res in run], n, self.p.stop_below) for run in results)
 
+    def _diverged_round(self, below: int) -> int | None:
+        """The first phase-A round before ``below`` whose training diverged (None: none did)."""
+        for round_ in range(below):
+            results = [t.store.round_result(round_) for t in self.ctx.trials]
+            if any(r is not None and r["row"].get("status") == "diverged" for r in results):
+                return round_
+        return None
+
     def stop_reason(self, level: int) -> str | None:
+        if reason := diverged(self.ctx):
+            return reason
+        if level > 0 and (round_ := self._diverged_round(level)) is not None:
+            return f"phase A's mask round {round_} diverged, so it made no masks after it"
         if self.p.stop_rule == "two_below":
             return super().stop_reason(level)
         if self.p.stop_below is not None and should_stop([t.records for t in self.ctx.trials], self.p, after=1):
@@ -278,11 +301,16 @@ class StudyProtocol(LotteryTicket):
                      for t in c.trials]
         trainings = c.trainer.train_level(masks, c.generators(round_), observers, optimizers, self.mask_epochs)
         for t, m, training, optimizer in zip(c.trials, masks, trainings, c.trainer.optimizer_states()):
+            if training.diverged:
+                log.warning("%smask round %d diverged: the training loss was not finite at epoch %d; phase A makes "
+                            "no masks after it (lower train.lr?)", f"seed {t.s.seed}: " if several else "", round_,
+                            len(training.epochs))
             self._save_round(t, round_, m, copy_state(t.model.state_dict()), optimizer, training)
 
     def _save_round(self, t: Trial, round_: int, masks: Masks, weights: dict, optimizer: dict, training) -> None:
         sparsity = {"round": round_, "prunable_remaining": round(masks.remaining_fraction(), 6),
-                    "test_acc": round(training.test_acc, 2), "steps": training.steps}
+                    "test_acc": round(training.test_acc, 2), "steps": training.steps,
+                    "status": "diverged" if training.diverged else "ok"}
         record = {"row": sparsity, "epochs": [asdict(e) for e in training.epochs]}
         t.store.save_round(round_, masks.state_dict(), {"weights": weights, "optimizer": optimizer}, record)
         self.state[t.index] = {"round": round_, "weights": weights, "optimizer": optimizer, "masks": masks}
@@ -295,6 +323,19 @@ class StudyProtocol(LotteryTicket):
         saved = t.store.load_round_state(round_)
         return {"round": round_, "weights": saved["weights"], "optimizer": saved["optimizer"],
                 "masks": Masks(t.store.load_round_masks(round_))}
+
+
+def diverged(ctx: LevelContext) -> str | None:
+    """Why the runs stop after a level whose training diverged (None: none did).
+
+    A diverged level's weights are NaN, so the masks the next level would prune from them mean
+    nothing; with ``trials=K`` every run stops, since they share one training step.
+    """
+    for t in ctx.trials:
+        if t.records and t.records[-1]["row"].get("status") == "diverged":
+            seed = f" (seed {t.s.seed})" if len(ctx.trials) > 1 else ""
+            return f"level {t.records[-1]['row']['level']}{seed} diverged"
+    return None
 
 
 def _quiet(ctx: LevelContext, t: Trial) -> str:
@@ -328,7 +369,10 @@ def train_baselines(ctx: LevelContext, level: int, masks: list[Masks], protocol:
                                       mode=_quiet(ctx, t), label=f"{baseline}: ") for t in ctx.trials]
         trainings = ctx.trainer.train_level(level_masks, ctx.generators(level), observers)
         for t, training in zip(ctx.trials, trainings):
-            columns[t.index][f"{baseline}_acc"] = round(training.test_acc, 2)
+            if training.diverged:
+                log.warning("%s baseline of level %d diverged (a non-finite training loss): its column is left empty",
+                            baseline, level)
+            columns[t.index][f"{baseline}_acc"] = None if training.diverged else round(training.test_acc, 2)
     return columns
 
 

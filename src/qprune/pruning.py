@@ -106,10 +106,10 @@ class Masks(dict):
 
     @torch.no_grad()
     def apply_(self, model: nn.Module) -> None:
-        """Zero the pruned weights in place."""
+        """Zero the pruned weights in place (a fill, not a product: NaN times zero would stay NaN)."""
         params = dict(model.named_parameters())
         for name, mask in self.items():
-            params[name].mul_(mask)
+            params[name].masked_fill_(~mask, 0)
 
     def parameters_of(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
         """Matching lists (parameters, float masks) for fused masking in the training step."""
@@ -160,6 +160,8 @@ def _prune_pool(params, masks: Masks, pool: list[PrunableWeight], rate: float, q
         sizes.append(torch.full_like(s, size))
         spans.append(s.numel())
     scores, alive, sizes = torch.cat(scores), torch.cat(alive), torch.cat(sizes)
+    # A diverged weight (NaN, inf) is no evidence of importance: it ranks below every finite one.
+    scores = torch.where(scores.isfinite(), scores, torch.full_like(scores, -0.5))
     to_remove = round(rate * float((sizes * alive).sum()))
     # Dead units sort first and stay dead; then prune alive units, smallest first, until
     # `to_remove` parameters are gone (exact when every unit is a single weight).

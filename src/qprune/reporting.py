@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -17,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .store import atomic_write_bytes, atomic_write_text
+from .errors import StorageError
+from .files import atomic_write_bytes, atomic_write_text, strict_json
 from .training import EpochStats, Observer
 
 log = logging.getLogger("qprune")
@@ -26,6 +26,7 @@ LEVEL_COLUMNS = (
     "level", "prunable_remaining", "params_nonzero", "params_total", "pct_of_real",
     "test_acc", "best_val_acc", "train_loss", "epochs", "steps", "train_seconds",
     "mask_test_acc", "random_reinit_acc", "random_prune_acc",   # protocol=paper's phase A; baselines
+    "status",                                                   # ok | diverged (a non-finite training loss)
 )
 
 
@@ -45,14 +46,18 @@ def read_levels_csv(path: Path) -> list[dict[str, Any]]:
         try:
             return int(value)
         except ValueError:
+            pass
+        try:
             return float(value)
+        except ValueError:
+            return value  # status
 
     with open(path, newline="") as f:
         return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def write_levels_json(rows: Sequence[dict], config: dict, extra: dict, path: Path) -> None:
-    atomic_write_text(path, json.dumps({**extra, "config": config, "levels": list(rows)}, indent=2))
+    atomic_write_text(path, strict_json({**extra, "config": config, "levels": list(rows)}, indent=2))
 
 
 def pyplot():
@@ -169,14 +174,22 @@ class LocalFiles(RunLogger):
     directory, after every level."""
 
     def start(self, info: RunInfo, finished: list[dict]) -> None:
-        self.info = info
+        self.info, self.trained = info, False
 
     def level(self, record: dict, records: list[dict]) -> None:
+        self.trained = True
         self.write(records)
 
     def finish(self, records: list[dict], error: BaseException | None) -> None:
-        if records:
+        if not records:
+            return
+        try:
             self.write(records)
+        except StorageError as exc:
+            if self.trained:
+                raise
+            # nothing new: a finished run looked at where it cannot be written (a read-only filesystem)
+            log.info("the run's tables and figures are left as they are (%s)", exc)
 
     def write(self, records: list[dict]) -> None:
         info, rows = self.info, [r["row"] for r in records]

@@ -14,6 +14,7 @@ one batched step of the engine, each run in its own directory ``trial_<k>/``.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -24,7 +25,7 @@ from torch import nn
 
 from .data import load_data
 from .engine import Engine, resolve_engine
-from .errors import ConfigError
+from .errors import ConfigError, Interrupted, RunDirectoryError
 from .fallback import FailSafeTrainer
 from .models import build_model, count_parameters, dense_real_parameters, parameter_counts
 from .levels import LevelContext, Trial, copy_state
@@ -32,7 +33,7 @@ from .protocols import baseline_init, make_protocol, train_baselines
 from .pruning import Masks, prunable_weights
 from .reporting import ProgressObserver, RunInfo, RunLogger
 from .settings import Settings, run_identity
-from .store import RunDirectory
+from .store import RunDirectory, level_fix
 from .training import EagerTrainer, LevelTraining
 
 log = logging.getLogger("qprune")
@@ -105,26 +106,44 @@ class LevelRunner:
             ]
 
     def run(self) -> list[dict]:
-        """Train every level not on disk yet; the rows of levels.csv (of every run, with its seed, when trials > 1)."""
-        s = self._prepare()
-        for t in self.trials:
-            t.records = t.store.finished_levels()
-            if t.records:
-                log.info("resuming %s after level %d", t.run_dir, len(t.records) - 1)
-            title = f"{s.model} / {s.algebra.name} / {s.dataset.name} (seed {t.s.seed})"
-            info = RunInfo(t.run_dir, run_name(t.s), title, t.config, self.counts, self.data.source, s.prune.levels + 1)
-            for logger in t.loggers:
-                logger.start(info, t.records)
+        """Train every level not on disk yet; the rows of levels.csv (of every run, with its seed, when trials > 1).
+
+        The run directory is locked for the whole run: the same command started twice refuses at once.
+        """
+        directory = RunDirectory(self.run_dir)
+        with directory.lock() as lock:
+            self.read_only = lock.read_only  # a run on a read-only filesystem: it can be looked at, not trained
+            if removed := directory.sweep_temporaries():
+                log.info("removed %d temporary files that an interrupted write left in %s", removed, self.run_dir)
+            return self._run()
+
+    def _run(self) -> list[dict]:
+        try:
+            s = self._prepare()
+            for t in self.trials:
+                title = f"{s.model} / {s.algebra.name} / {s.dataset.name} (seed {t.s.seed})"
+                info = RunInfo(t.run_dir, run_name(t.s), title, t.config, self.counts, self.data.source, s.prune.levels + 1)
+                for logger in t.loggers:
+                    logger.start(info, t.records)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted before training started") from None
         first = min(len(t.records) for t in self.trials)
         if first > s.prune.levels:
             log.info("all %d levels are finished already", s.prune.levels + 1)
-        error = None
+        error, level = None, first
         try:
             for level in range(first, s.prune.levels + 1):
                 if reason := self.protocol.stop_reason(level):
                     log.info("stopping before level %d: %s", level, reason)
                     break
+                if self.read_only:
+                    raise RunDirectoryError(f"{self.run_dir} cannot be written (a read-only filesystem) and level {level} "
+                                            "is left to train: copy it to a writable folder and rerun with "
+                                            "hydra.run.dir=<the copy> to resume it")
                 self._train_level(level)
+        except KeyboardInterrupt:
+            error = Interrupted(f"interrupted during level {level}")
+            raise error from None
         except BaseException as exc:
             error = exc
             raise
@@ -154,19 +173,51 @@ class LevelRunner:
                  self.counts["params_total"], 100 * self.counts["params_total"] / self.dense_real, self.counts["prunable_total"])
         self.rewind_step = parse_step_count(s.prune.rewind, s.train.steps_per_epoch(len(data.train)))
         for t in self.trials:
-            t.store.claim(run_identity(t.config), s.resume)
-            t.init = t.store.load_checkpoint("init")
-            if t.init is None:
-                t.init = copy_state(t.model.state_dict())
-                t.store.save_checkpoint("init", t.init)
-            t.rewind = t.init if self.rewind_step == 0 else t.store.load_checkpoint("rewind")
-            if "random_reinit" in s.baselines:
-                torch.manual_seed(baseline_init(t.s.seed))
-                t.reinit = build_model(s.model, s.algebra, data.num_classes, data.image_shape, **s.model_options).state_dict()
+            self._read_finished_levels(t, device)
+        if any(len(t.records) <= s.prune.levels for t in self.trials):  # finished: no checkpoint needed (nor read)
+            for t in self.trials:
+                self._load_checkpoints(t)
         self.trainer = self._trainer(resolve_engine(s.train.engine, device))
         self.context = LevelContext(s, self.trials, self.weights, self.trainer, device)
         self.protocol = make_protocol(self.context)
         return s
+
+    def _read_finished_levels(self, t: Trial, device: torch.device) -> None:
+        """Claim the run's directory, read and check its finished levels."""
+        s = self.s
+        threads = torch.get_num_threads()
+        started = t.store.claim(run_identity(t.config), s.resume, {"threads": threads})
+        t.records = t.store.finished_levels()
+        t.store.verify_levels(t.records)
+        for stale in t.store.discard_levels_from(len(t.records)):
+            log.info("removed %s: a level before it is missing, so it is retrained", stale)
+        if t.records:
+            log.info("resuming %s after level %d", t.run_dir, len(t.records) - 1)
+            if device.type == "cpu" and started.get("threads", threads) != threads:
+                log.warning("%s was started with %d CPU threads and now runs with %d: CPU results are reproducible "
+                            "only at one thread count, so the levels trained now may differ from an uninterrupted "
+                            "run's (set OMP_NUM_THREADS=%d to match)", t.run_dir, started["threads"], threads,
+                            started["threads"])
+
+    def _load_checkpoints(self, t: Trial) -> None:
+        """The run's initial weights (made and saved when it starts) and rewind point; checked against its model."""
+        s = self.s
+        t.init = t.store.load_checkpoint("init")
+        if t.init is None:
+            t.init = copy_state(t.model.state_dict())
+            t.store.save_checkpoint("init", t.init)
+        _check_state(t.init, t.model, t.store.path / "checkpoints" / "init.pt")
+        t.rewind = t.init if self.rewind_step == 0 else t.store.load_checkpoint("rewind")
+        if t.rewind is None and t.records:
+            level_0 = t.store.level_dir(0)
+            raise RunDirectoryError(f"{t.store.path / 'checkpoints' / 'rewind.pt'} is missing: prune.rewind={s.prune.rewind} "
+                                    f"rewinds every level to it; {level_fix(level_0)}")
+        if t.rewind is not None:
+            _check_state(t.rewind, t.model, t.store.path / "checkpoints" / "rewind.pt")
+        if "random_reinit" in s.baselines:
+            torch.manual_seed(baseline_init(t.s.seed))
+            t.reinit = build_model(s.model, s.algebra, self.data.num_classes, self.data.image_shape,
+                                   **s.model_options).state_dict()
 
     def _trainer(self, engine: str) -> EagerTrainer | Engine | FailSafeTrainer:
         """The eager reference loop for one run on the CPU, else the engine (K runs per step, CUDA graphs);
@@ -213,8 +264,13 @@ class LevelRunner:
                     raise ConfigError(f"prune.rewind={s.prune.rewind} is past the end of level 0 ({training.steps} steps)")
                 t.rewind = observer.state
                 t.store.save_checkpoint("rewind", t.rewind)
+            if training.diverged:
+                mask.apply_(t.model)  # NaN gradients times a zero mask are NaN: pruned weights must read zero
+                log.warning("%slevel %d diverged: the training loss was not finite at epoch %d; its row is marked "
+                            "status=diverged and the run stops after this level (lower train.lr?)",
+                            f"seed {t.s.seed}: " if several else "", level, len(training.epochs))
             record = {"row": {"level": level, **info, **training_columns(training), **extra.get(t.index, {})},
-                      "epochs": [asdict(e) for e in training.epochs]}
+                      "epochs": [asdict(e) for e in training.epochs], "threads": torch.get_num_threads()}
             t.store.save_level(level, mask.state_dict(), t.model.state_dict(), record)
             if s.save_weights == "last" and level > 0:
                 t.store.drop_weights(level - 1)
@@ -240,13 +296,22 @@ def sparsity(masks: Masks, model: nn.Module, dense_real: int) -> dict:
 
 
 def training_columns(training: LevelTraining) -> dict:
-    """The accuracy and cost columns of levels.csv."""
+    """The accuracy and cost columns of levels.csv; ``status``: ok, or diverged (a non-finite loss stopped it)."""
+    loss = training.epochs[-1].train_loss
     return {
         "test_acc": round(training.test_acc, 2),
         "best_val_acc": None if training.best_val_acc is None else round(training.best_val_acc, 2),
-        "train_loss": round(training.epochs[-1].train_loss, 5),
+        "train_loss": round(loss, 5) if math.isfinite(loss) else None,
         "epochs": len(training.epochs),
         "steps": training.steps,
         "train_seconds": round(training.seconds, 2),
         "engine": training.engine,
+        "status": "diverged" if training.diverged else "ok",
     }
+
+
+def _check_state(state: dict, model: nn.Module, path: Path) -> None:
+    """A checkpoint must hold this model's tensors (a file from another run would fail later, less clearly)."""
+    expected = model.state_dict()
+    if set(state) != set(expected) or any(tuple(state[k].shape) != tuple(v.shape) for k, v in expected.items()):
+        raise RunDirectoryError(f"{path} does not hold this model's weights: pass resume=false to start over")

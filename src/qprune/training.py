@@ -3,7 +3,9 @@
 Pruned weights stay exactly zero without touching the weights after each step: their
 gradients are masked before the optimizer step, and the optimizer state is fresh at every
 level, so Adam's and SGD's moments at pruned positions stay zero and the update there is
-exactly zero. Metrics accumulate on the device and are read once per epoch.
+exactly zero. Metrics accumulate on the device and are read once per epoch — which is also when
+a diverged level is noticed: a loss sum that is not finite stops the level after that epoch (no
+per-step check, which would cost a host sync every step).
 
 This loop is the reference (and the CPU path); :mod:`qprune.engine` runs the same step as
 one CUDA graph, and several runs at once.
@@ -12,6 +14,7 @@ one CUDA graph, and several runs at once.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -82,6 +85,7 @@ class LevelTraining:
     steps: int = 0
     seconds: float = 0.0
     engine: str = "eager"  # what trained it: eager | graph | eager (fallback: why the graph was not used)
+    diverged: bool = False   # the loss was not finite: training stopped after that epoch
 
     @property
     def test_acc(self) -> float:
@@ -192,6 +196,9 @@ def train_level(
         )
         result.epochs.append(stats)
         observer.on_epoch_end(stats)
+        if not math.isfinite(stats.train_loss):
+            result.diverged = True
+            break
         if settings.max_steps is not None and step >= settings.max_steps:
             break
     result.steps, result.seconds = step, seconds

@@ -12,6 +12,7 @@ from .pipeline import GRAY_WEIGHTS, DeviceData, Split, device_data, random_crop_
 from .sources import RawSplits, load_raw
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
+BAD_IMAGES = (None, "skip")
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,16 @@ class DataSettings:
     train_size: int | float | None = None
     test_size: int | float | None = None
     split_seed: int = 0
+    bad_images: str | None = None    # image folders: None (an unreadable image is an error) | "skip"
+
+    def __post_init__(self):
+        if self.bad_images not in BAD_IMAGES:
+            raise ConfigError(f"data.bad_images must be null (an unreadable image is an error) or skip, got {self.bad_images!r}")
 
 
 def load_data(dataset: DatasetSettings, where: DataSettings, add_gray: bool, device: torch.device) -> DeviceData:
-    raw = load_raw(dataset.name, where.root, where.cache, where.download, dataset.path, dataset.channels, dataset.image_size)
+    raw = load_raw(dataset.name, where.root, where.cache, where.download, dataset.path, dataset.channels, dataset.image_size,
+                   where.bad_images)
     return device_data(
         raw, device, mean=dataset.mean, std=dataset.std, add_gray=add_gray and raw.train_x.shape[1] == 3,
         augment=dataset.augment, val_size=where.val_size, train_size=where.train_size,

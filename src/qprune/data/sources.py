@@ -13,11 +13,12 @@ import gzip
 import hashlib
 import io
 import logging
-import os
+import math
 import pickle
 import tarfile
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
+from ..files import atomic_write_bytes, sweep_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +66,23 @@ _MNIST_CLASSES = {
 def read_idx(path: Path) -> Tensor:
     """Read an idx file (optionally gzip-compressed) as a uint8 tensor of its declared shape."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise DataError(f"{path} is not a uint8 idx file")
+    fix = "replace it with a good copy (delete it and set data.download=true when online)"
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError; a cut-off stream, EOFError
+        reason = "truncated" if isinstance(exc, EOFError) else " ".join(str(exc).split()) or type(exc).__name__
+        raise DataError(f"{path} cannot be read ({reason}): {fix}") from None
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise DataError(f"{path} is not a uint8 idx file: {fix}")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).view(*dims)
+    body = data[4 + 4 * ndim :]
+    expected = math.prod(dims)
+    if len(body) != expected:
+        raise DataError(f"{path} is truncated or corrupt ({len(body)} bytes of data where its header "
+                        f"declares {expected}): {fix}")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).view(*dims)
 
 
 def _find_idx(root: Path, folder: str, stem: str) -> Path | None:
@@ -88,6 +100,10 @@ def load_mnist(name: str, root: Path, download: bool) -> RawSplits:
         _download_or_fail(name, root, download, f"{folder}/raw/*-ubyte.gz", lambda: _torchvision_fetch(folder, root))
         paths = {k: _find_idx(root, folder, stem) for k, stem in _IDX_FILES.items()}
     arrays = {k: read_idx(p) for k, p in paths.items()}
+    for split in ("train", "test"):
+        if len(arrays[f"{split}_x"]) != len(arrays[f"{split}_y"]):
+            raise DataError(f"{paths[f'{split}_x']} holds {len(arrays[f'{split}_x'])} images but {paths[f'{split}_y']} "
+                            f"{len(arrays[f'{split}_y'])} labels: replace the wrong one with a good copy")
     return RawSplits(
         arrays["train_x"].unsqueeze(1), arrays["train_y"].long(),
         arrays["test_x"].unsqueeze(1), arrays["test_y"].long(),
@@ -116,14 +132,14 @@ def _unpickle(path: Path) -> dict:
         return pickle.load(f, encoding="latin1")
 
 
-def load_cifar(name: str, root: Path, download: bool, cache_dir: Path | None) -> RawSplits:
+def load_cifar(name: str, root: Path, download: bool, cache_dir: Path | None, bad_images: str | None = None) -> RawSplits:
     """torchvision's pickled batches, or the offline JPEG copy ``cifar10-jpeg[.tar.xz]`` under ``root``."""
     folder, train_files, test_files, meta_file, names_key, labels_key, tv_name = _CIFAR[name]
     base = root / folder
     if not base.is_dir():
         for candidate in (root / f"{name}-jpeg", *(root / f"{name}-jpeg{s}" for s in ARCHIVE_SUFFIXES)):
             if candidate.exists():
-                return load_image_folder(candidate, cache_dir, channels=3)
+                return load_image_folder(candidate, cache_dir, channels=3, bad_images=bad_images)
         _download_or_fail(
             name, root, download, f"{folder}/ (torchvision's format) or {name}-jpeg.tar.xz",
             lambda: _torchvision_fetch(tv_name, root),
@@ -144,24 +160,28 @@ def load_cifar(name: str, root: Path, download: bool, cache_dir: Path | None) ->
 # --------------------------------------------------------------------------- image folders
 
 def load_image_folder(
-    path: Path, cache_dir: Path | None, channels: int = 3, image_size: int | None = None
+    path: Path, cache_dir: Path | None, channels: int = 3, image_size: int | None = None,
+    bad_images: str | None = None,
 ) -> RawSplits:
     """An ImageFolder tree ``{train,test}/<class>/<image>`` (a folder or an archive), cached as tensors.
 
     ``val/`` stands in for ``test/`` when there is no ``test/``. Images of different sizes need
-    ``image_size`` (they are resized to a square of that side).
+    ``image_size`` (they are resized to a square of that side). An image that cannot be decoded
+    (truncated, or not an image) is an error naming it, or with ``bad_images="skip"`` left out
+    with one warning. The cache is keyed on the contents — every file's path, size and
+    modification time (an archive's own) — so adding, removing or replacing an image re-decodes.
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"image folder {path} does not exist: set dataset.path to a folder or archive holding train/ and test/")
-    cache_file = _cache_file(path, cache_dir, channels, image_size)
+    cache_file = _cache_file(path, cache_dir, channels, image_size, bad_images)
     if cache_file is not None and cache_file.is_file():
         try:
             cached = torch.load(cache_file, weights_only=True)
             return RawSplits(**cached, source=str(path))
         except Exception as exc:  # a stale or truncated cache is rebuilt, never fatal
             log.warning("ignoring unreadable cache %s (%s)", cache_file, exc)
-    splits = _decode_tree(_list_images(path), channels, image_size, path)
+    splits = _decode_tree(_list_images(path), channels, image_size, path, bad_images)
     if cache_file is not None:
         _save_cache(splits, cache_file)
     return splits
@@ -198,24 +218,35 @@ def _split_and_class(relative: str) -> tuple[str, str] | None:
     return parts[-3], parts[-2]
 
 
-def _decode_tree(files, channels: int, image_size: int | None, path: Path) -> RawSplits:
-    encoded: dict[str, list[tuple[str, Tensor]]] = {"train": [], "test": [], "val": []}
+def _decode_tree(files, channels: int, image_size: int | None, path: Path, bad_images: str | None = None) -> RawSplits:
+    encoded: dict[str, list[tuple[str, str, Tensor]]] = {"train": [], "test": [], "val": []}
     for relative, read in files:
         found = _split_and_class(relative)
         if found:
             split, cls = found
-            encoded[split].append((cls, torch.frombuffer(bytearray(read()), dtype=torch.uint8)))
+            encoded[split].append((relative, cls, torch.frombuffer(bytearray(read()), dtype=torch.uint8)))
     if not encoded["test"]:
         encoded["test"] = encoded.pop("val")
     if not encoded["train"] or not encoded["test"]:
         raise DataError(f"{path} holds no train/<class>/<image> and test/<class>/<image> files")
-    classes = sorted({cls for cls, _ in encoded["train"]})
+    classes = sorted({cls for _, cls, _ in encoded["train"]})
     index = {c: i for i, c in enumerate(classes)}
     log.info("decoding %d images from %s (cached afterwards)", len(encoded["train"]) + len(encoded["test"]), path)
 
-    def decode(items: list[tuple[str, Tensor]]) -> tuple[Tensor, Tensor]:
-        images = _same_size(decode_images([d for _, d in items], channels), image_size, path)
-        labels = torch.tensor([index.get(cls, -1) for cls, _ in items])
+    def decode(items: list[tuple[str, str, Tensor]]) -> tuple[Tensor, Tensor]:
+        decoded, bad = decode_named([(name, d) for name, _, d in items], channels)
+        if bad:
+            first = f"{path}/{bad[0]}" if path.is_dir() else f"{bad[0]} in {path}"
+            if bad_images != "skip":
+                more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+                raise DataError(f"{first} is not a readable image (truncated, or not an image){more}: remove it, "
+                                "or set data.bad_images=skip to leave unreadable images out")
+            log.warning("left out %d unreadable images (data.bad_images=skip), the first %s", len(bad), first)
+        kept = [(cls, img) for (_, cls, _), img in zip(items, decoded) if img is not None]
+        if not kept:
+            raise DataError(f"{path} has a split without one readable image")
+        images = _same_size([img for _, img in kept], image_size, path)
+        labels = torch.tensor([index.get(cls, -1) for cls, _ in kept])
         if (labels < 0).any():
             raise DataError(f"{path}: the test split has classes that train does not have")
         return torch.stack(images), labels
@@ -223,6 +254,23 @@ def _decode_tree(files, channels: int, image_size: int | None, path: Path) -> Ra
     train_x, train_y = decode(encoded["train"])
     test_x, test_y = decode(encoded["test"])
     return RawSplits(train_x, train_y, test_x, test_y, classes, str(path))
+
+
+def decode_named(items: list[tuple[str, Tensor]], channels: int) -> tuple[list[Tensor | None], list[str]]:
+    """Decode (name, encoded file) pairs: one batched call, and image by image only when that fails,
+    to find the unreadable ones — (images with None where a file could not be decoded, their names)."""
+    try:
+        return decode_images([d for _, d in items], channels), []
+    except Exception:  # noqa: BLE001 - torchvision and PIL raise many kinds; the next loop names the file
+        pass
+    images, bad = [], []
+    for name, data in items:
+        try:
+            images.append(decode_images([data], channels)[0])
+        except Exception:  # noqa: BLE001
+            images.append(None)
+            bad.append(name)
+    return images, bad
 
 
 def decode_images(encoded: list[Tensor], channels: int) -> list[Tensor]:
@@ -256,27 +304,40 @@ def _same_size(images: list[Tensor], image_size: int | None, path: Path) -> list
     return images
 
 
-def _cache_file(path: Path, cache_dir: Path | None, channels: int, image_size: int | None) -> Path | None:
+def _cache_file(path: Path, cache_dir: Path | None, channels: int, image_size: int | None,
+                bad_images: str | None = None) -> Path | None:
     if cache_dir is None:
         return None
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{channels}|{image_size}|{CACHE_VERSION}"
+    skip = "|skip" if bad_images == "skip" else ""  # (the key of a default run is what it always was)
+    key = f"{path.resolve()}|{_contents_key(path)}|{channels}|{image_size}|{CACHE_VERSION}{skip}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     stem = path.name.split(".")[0]
     return Path(cache_dir).expanduser() / "imagefolder" / f"{stem}-{digest}.pt"
 
 
+def _contents_key(path: Path) -> str:
+    """What the decoded images depend on: an archive's size and modification time; for a folder every
+    file's relative path, size and modification time (a folder's own mtime misses edits in subfolders)."""
+    stat = path.stat()
+    if not path.is_dir():
+        return f"{stat.st_size}|{stat.st_mtime_ns}"
+    digest = hashlib.sha1()
+    for file in sorted(path.rglob("*")):
+        if file.is_file():
+            s = file.stat()
+            digest.update(f"{file.relative_to(path).as_posix()}|{s.st_size}|{s.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def _save_cache(splits: RawSplits, cache_file: Path) -> None:
     payload = {k: v for k, v in vars(splits).items() if k != "source"}
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        sweep_temporaries(cache_file.parent, only_dead=True)  # what a killed process left mid-write
         buffer = io.BytesIO()
         torch.save(payload, buffer)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(buffer.getvalue())
-        os.replace(tmp, cache_file)
-    except OSError as exc:
-        log.warning("could not write the decoded-image cache %s (%s); set data.cache to a writable folder", cache_file, exc)
+        atomic_write_bytes(cache_file, buffer.getvalue())
+    except OSError as exc:  # a full or read-only disk (nothing half-written is left): decode again next time
+        log.warning("could not write the decoded-image cache (%s); set data.cache to a writable folder", exc)
 
 
 # --------------------------------------------------------------------------- missing data
@@ -298,17 +359,20 @@ def _download_or_fail(name: str, root: Path, download: bool, expected: str, fetc
 
 def load_raw(
     name: str, root: str | Path, cache_dir: str | Path | None, download: bool,
-    path: str | Path | None = None, channels: int = 3, image_size: int | None = None,
+    path: str | Path | None = None, channels: int = 3, image_size: int | None = None, bad_images: str | None = None,
 ) -> RawSplits:
-    """Load dataset ``name`` (mnist, fashion_mnist, cifar10, cifar100, imagefolder) on the host."""
+    """Load dataset ``name`` (mnist, fashion_mnist, cifar10, cifar100, imagefolder) on the host.
+
+    ``bad_images``: None (an unreadable image is an error naming it) or ``"skip"`` (image folders only).
+    """
     root = Path(root).expanduser()
     cache = Path(cache_dir).expanduser() if cache_dir else None
     if name in _MNIST_FOLDERS:
         return load_mnist(name, root, download)
     if name in _CIFAR:
-        return load_cifar(name, root, download, cache)
+        return load_cifar(name, root, download, cache, bad_images)
     if name == "imagefolder":
         if not path:
             raise DataError("dataset=imagefolder needs dataset.path=<folder or archive with train/ and test/>")
-        return load_image_folder(Path(path), cache, channels, image_size)
+        return load_image_folder(Path(path), cache, channels, image_size, bad_images)
     raise DataError(f"unknown dataset {name!r}")
