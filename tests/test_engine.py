@@ -41,6 +41,23 @@ def max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
+def relative_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    """||a - b|| / ||b|| over all parameters together."""
+    diff = torch.cat([(p - q).flatten() for p, q in zip(a.parameters(), b.parameters())])
+    return (diff.norm() / torch.cat([q.flatten() for q in b.parameters()]).norm()).item()
+
+
+def rounding_tolerance(steps: int, reduction: int, dtype: torch.dtype = torch.float32) -> float:
+    """How far two float computations of the same training may drift apart, relative to the weights.
+
+    A sum of ``reduction`` products rounds to within about sqrt(reduction) * eps (relative) whatever
+    the summation order (threads, vmap's batched kernels); an optimizer step carries that relative
+    error into the update, and ``steps`` steps add at most ``steps`` such errors. Independent of the
+    thread count; a real bug (another seed's data, a wrong mask) moves the weights by percents.
+    """
+    return steps * reduction**0.5 * torch.finfo(dtype).eps
+
+
 @pytest.mark.parametrize("algebra", ["real3", "quat"])
 @pytest.mark.parametrize("optimizer,drop_last", [("adam", False), ("sgd", False), ("adam", True)])
 def test_engine_step_equals_the_eager_loop(data, algebra, optimizer, drop_last):
@@ -108,8 +125,9 @@ def test_trials_match_separate_runs(data, algebra):
 
     for k, ((model, masks, _), alone) in enumerate(zip(runs, separate)):
         result = train_level(alone, data, masks, settings, torch.Generator().manual_seed(10 + k))
-        # vmap's batched matmuls round differently from addmm: equal up to float rounding, not bitwise
-        assert max_difference(model, alone) < 2e-5, f"run {k}"
+        # vmap's batched matmuls round differently from addmm (and both with the thread count):
+        # equal up to float rounding, not bitwise. 22 steps, sums over up to 784 inputs.
+        assert relative_difference(model, alone) < rounding_tolerance(result.steps, 784), f"run {k}"
         assert together[k].test_acc == pytest.approx(result.test_acc, abs=0.34)  # at most one of 300 images
         assert together[k].epochs[-1].train_loss == pytest.approx(result.epochs[-1].train_loss, rel=1e-4)
         params = dict(model.named_parameters())
