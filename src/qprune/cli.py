@@ -6,8 +6,6 @@ package (installed wheel: ``qprune/conf``) or at the top of a source checkout.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import sys
 from pathlib import Path
@@ -19,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError, QpruneError, RunDirectoryBusy
 from .reporting import RunLogger
-from .settings import Settings, run_identity
+from .settings import Settings, run_id_of
 
 log = logging.getLogger("qprune")
 
@@ -36,8 +34,7 @@ def config_dir() -> Path:
 def run_id(*, _root_: DictConfig) -> str:
     """Short hash of the run's identity, so the same command lands in (and resumes) the same directory."""
     job = OmegaConf.masked_copy(_root_, [k for k in _root_ if k != "hydra"])  # hydra.* refers back here
-    identity = run_identity(OmegaConf.to_container(job, resolve=True))
-    return hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return run_id_of(OmegaConf.to_container(job, resolve=True))
 
 
 OmegaConf.register_new_resolver("qprune.run_id", run_id, replace=True)
@@ -69,11 +66,11 @@ def _main(cfg: DictConfig) -> None:
     from .runner import LevelRunner  # after Hydra has set up logging
 
     hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         settings = Settings.from_config(cfg)
         config = OmegaConf.to_container(cfg, resolve=True)
         group = default_group(hydra_cfg)
-        run_dir = Path(hydra_cfg.runtime.output_dir)
         # a logger follows one run: with trials=K each run (trial_<k>/) gets its own
         LevelRunner(settings, run_dir, config, lambda _trial: make_loggers(config.get("logger"), group)).run()
         log.info("results in %s", run_dir)
@@ -83,11 +80,50 @@ def _main(cfg: DictConfig) -> None:
             return
         print(f"qprune: error: {exc}", file=sys.stderr)
         if hydra_cfg.mode == RunMode.MULTIRUN:
+            _log_to_file(f"qprune: error: {exc}")
             raise  # Hydra records the failed job, runs the others and reports it at the end
+        if not _remove_if_fresh(run_dir):
+            _log_to_file(f"qprune: error: {exc}")
         sys.exit(2)
 
 
+def _log_to_file(message: str) -> None:
+    """The error in the run's log file too (the console has it already, once)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.emit(logging.LogRecord("qprune", logging.ERROR, __file__, 0, message, None, None))
+
+
+def _remove_if_fresh(run_dir: Path) -> bool:
+    """Remove what Hydra made for a run that never started (no run.json): ``.hydra/``, the log, empty folders.
+
+    A command that fails before its run starts (missing data, say) then leaves nothing behind.
+    Empty parent folders go too, up to (not including) the working directory.
+    """
+    if (run_dir / "run.json").exists() or not run_dir.is_dir():
+        return False
+    import shutil
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.close()
+    shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+    for log_file in run_dir.glob("*.log"):
+        log_file.unlink(missing_ok=True)
+    cwd = Path.cwd().resolve()
+    folder = run_dir.resolve()
+    while folder != cwd and not any(folder.iterdir()):
+        folder.rmdir()
+        if not folder.parent.is_relative_to(cwd) or folder.parent == cwd:
+            break
+        folder = folder.parent
+    return True
+
+
 def main() -> None:
+    from .preflight import preflight
+
+    preflight(sys.argv[1:])  # a bad command stops here, before Hydra makes a run directory
     try:
         _main()
     except KeyboardInterrupt as exc:  # Ctrl-C: finished levels are on disk, so one line instead of a traceback

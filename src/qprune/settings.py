@@ -7,6 +7,8 @@ dataset, a quaternion width not divisible by 4) and names what identifies a run.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +32,7 @@ PROGRESS = ("auto", "bar", "plain", "none")
 # Keys that do not change a run's results: a run resumed with other values is the same run.
 # prune.levels is among them so that a finished run can be extended with more levels.
 NOT_IDENTITY = (
-    "hydra", "logger", "device", "resume", "save", "progress",
+    "hydra", "logger", "device", "resume", "save", "progress", "dry_run",
     "data.root", "data.cache", "data.download", "prune.levels", "train.engine",
 )
 
@@ -138,3 +140,8 @@ def run_identity(cfg: DictConfig | dict) -> dict[str, Any]:
         if v is not None and not any(k == skip or k.startswith(skip + ".") for skip in NOT_IDENTITY)
     }
 
+
+
+def run_id_of(cfg: DictConfig | dict) -> str:
+    """The run id: a short hash of the run's identity (the run directory's name, the W&B run's id)."""
+    return hashlib.sha1(json.dumps(run_identity(cfg), sort_keys=True, default=str).encode()).hexdigest()[:8]

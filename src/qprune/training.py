@@ -57,6 +57,9 @@ class TrainSettings:
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"train.{key} must be a positive integer, got {value}")
+        for key in ("lr", "weight_decay", "momentum"):
+            if isinstance(getattr(self, key), bool) or not isinstance(getattr(self, key), (int, float)):
+                raise ConfigError(f"train.{key} must be a number, got {getattr(self, key)!r}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         if self.weight_decay < 0:
