@@ -343,18 +343,45 @@ def _save_cache(splits: RawSplits, cache_file: Path) -> None:
 # --------------------------------------------------------------------------- missing data
 
 def _download_or_fail(name: str, root: Path, download: bool, expected: str, fetch: Callable[[], object]) -> None:
+    """torchvision's download when allowed; when it fails (offline), remove whatever it created
+    (``data.root`` itself if it did not exist) and say why in full, on one line."""
     hint = (
         f"{name} not found under data.root={root} (expected {expected}); "
         "set data.root to a folder holding it (e.g. data.root=../shared/data or QPRUNE_DATA=...)"
     )
     if not download:
         raise DataError(hint + ", or allow data.download=true when online")
+    created = _first_missing(root)
+    before = set(root.iterdir()) if created is None else set()
     try:
         root.mkdir(parents=True, exist_ok=True)
         fetch()
     except Exception as exc:
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        _remove_new(root, created, before)
+        reason = " ".join(str(exc).split()) or type(exc).__name__
         raise DataError(f"{hint}; downloading it failed (offline?): {reason}") from None
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what ``mkdir(parents=True)`` creates), or None."""
+    path = path.absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def _remove_new(root: Path, created: Path | None, before: set[Path]) -> None:
+    """Undo a failed download: the folders it created, or the entries it added to an existing root."""
+    import shutil
+
+    targets = [created] if created is not None else [p for p in root.iterdir() if p not in before] if root.is_dir() else []
+    for target in targets:
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
 
 
 def load_raw(
