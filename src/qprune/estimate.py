@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .data import RawSplits, device_data
 from .data.pipeline import _size
 from .models import build_model
+from .reporting import duration  # noqa: F401 - re-exported for the dry run
 from .settings import Settings
 from .training import make_optimizer
 
@@ -145,12 +146,3 @@ def estimate_seconds(work: Trainings, sizes: Sizes, timing: Timing) -> float:
     return work.steps * timing.step_seconds + work.evaluations * eval_images * timing.eval_seconds_per_image
 
 
-def duration(seconds: float) -> str:
-    """A readable duration: 42 s, 7.5 min, 3.2 h, 2.1 days."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"

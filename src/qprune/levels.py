@@ -44,6 +44,7 @@ class Trial:
         self.run_dir, self.store = Path(run_dir), RunDirectory(run_dir)
         self.loggers = [LocalFiles(), *loggers]
         self.records: list[dict] = []
+        self.sessions: list[dict] = []    # provenance per session (run.json); the last one is this process's
         self.model: nn.Module | None = None
         self.init: dict | None = None
         self.rewind: dict | None = None

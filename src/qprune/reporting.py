@@ -10,9 +10,11 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import statistics
 import sys
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +155,8 @@ class RunInfo:
     counts: dict         # models.parameter_counts: params by role, params_dense_real, pct_of_real
     data_source: str
     levels: int | None = None   # how many levels the run is to have (None: not known)
+    data_sizes: dict = field(default_factory=dict)   # images per split: train, val, test
+    sessions: list = field(default_factory=list)     # provenance of each session (qprune.provenance), the last is this one
 
 
 class RunLogger:
@@ -194,7 +198,8 @@ class LocalFiles(RunLogger):
     def write(self, records: list[dict]) -> None:
         info, rows = self.info, [r["row"] for r in records]
         write_levels_csv(rows, info.run_dir / "levels.csv")
-        extra = {"data_source": info.data_source, **info.counts, "epochs": {r["row"]["level"]: r["epochs"] for r in records}}
+        extra = {"data_source": info.data_source, "data_sizes": info.data_sizes, **info.counts,
+                 "sessions": info.sessions, "epochs": {r["row"]["level"]: r["epochs"] for r in records}}
         write_levels_json(rows, info.config, extra, info.run_dir / "levels.json")
         plot_accuracy_vs_sparsity(rows, info.run_dir / "accuracy_vs_sparsity.png", info.title)
         plot_training_curves(records, info.run_dir / "training_curves.png", info.title)
@@ -219,16 +224,82 @@ def percent_of_real_axis(ax, values: Sequence[float]) -> None:
     ax.set_xlabel("% of the dense real model's parameters (log scale)")
 
 
-class ProgressObserver(Observer):
-    """Progress bars on a terminal, a plain line per epoch otherwise (logs, CI, cluster jobs)."""
+def duration(seconds: float) -> str:
+    """A readable duration: 42 s, 7.5 min, 3.2 h, 2.1 days."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
-    def __init__(self, level: int, levels: int, epochs: int, mode: str = "auto", label: str = ""):
-        self.level, self.levels, self.epochs, self.label = level, levels, epochs, label
+
+class RunClock:
+    """The whole run's pace in this session, for an ETA: levels left x the measured time of a level.
+
+    Until a level has finished, a level is taken to cost ``epochs`` x the measured time of an epoch
+    (training and evaluation); after that, the mean of the finished levels (the first one left out
+    once there are others: it may differ, e.g. ``protocol=paper``'s level 0 trains once, later levels twice).
+    """
+
+    def __init__(self, last_level: int, epochs: int):
+        self.last_level, self.epochs = last_level, epochs
+        self.level = 0
+        self.level_seconds: list[float] = []
+        self.epoch_seconds: list[float] = []
+        self._level_start = time.perf_counter()
+
+    def level_started(self, level: int) -> None:
+        self.level, self._level_start = level, time.perf_counter()
+
+    def epoch_done(self, seconds: float) -> None:
+        self.epoch_seconds.append(seconds)
+
+    def level_done(self) -> float:
+        seconds = time.perf_counter() - self._level_start
+        self.level_seconds.append(seconds)
+        return seconds
+
+    def seconds_left(self, epochs_left: int = 0, level_finished: bool = False) -> float | None:
+        """Time until the last level is finished (None: nothing measured yet)."""
+        levels_after = self.last_level - self.level
+        if self.level_seconds:
+            per_level = statistics.fmean(self.level_seconds[1:] or self.level_seconds)
+            current = 0.0 if level_finished else max(per_level - (time.perf_counter() - self._level_start), 0.0)
+            return current + levels_after * per_level
+        if self.epoch_seconds:
+            per_epoch = statistics.fmean(self.epoch_seconds)
+            return (epochs_left + levels_after * self.epochs) * per_epoch
+        return None
+
+    def eta(self, epochs_left: int = 0, level_finished: bool = False) -> str:
+        """'run ETA 1.2 h (about 16:40)', or '' when nothing is left or nothing is measured yet."""
+        seconds = self.seconds_left(epochs_left, level_finished)
+        if not seconds or seconds < 1:
+            return ""
+        at = time.strftime("%H:%M" if seconds < 86400 else "%a %H:%M", time.localtime(time.time() + seconds))
+        return f"run ETA {duration(seconds)} (about {at})"
+
+
+class ProgressObserver(Observer):
+    """Progress bars on a terminal, a plain line per epoch otherwise (logs, CI, cluster jobs).
+
+    Each epoch's line shows its training and evaluation time apart (evaluating a large test set can
+    take longer than a small training epoch) and, with a ``clock``, the whole run's ETA.
+    """
+
+    def __init__(self, level: int, levels: int, epochs: int, mode: str = "auto", label: str = "",
+                 clock: RunClock | None = None):
+        self.level, self.levels, self.epochs, self.label, self.clock = level, levels, epochs, label, clock
         self.bars = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
         self.quiet = mode == "none"
         self._bar = None
+        self._epoch_start = time.perf_counter()
+        self._train_seconds = 0.0   # EpochStats.seconds of the previous epoch (it counts from the level's start)
 
     def on_epoch_start(self, epoch: int, steps: int) -> None:
+        self._epoch_start = time.perf_counter()
         if self.bars:
             from tqdm.auto import tqdm
 
@@ -242,10 +313,18 @@ class ProgressObserver(Observer):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        wall = time.perf_counter() - self._epoch_start
+        train = stats.seconds - self._train_seconds if stats.seconds >= self._train_seconds else stats.seconds
+        self._train_seconds = stats.seconds
+        eta = ""
+        if self.clock is not None:
+            self.clock.epoch_done(wall)
+            eta = self.clock.eta(epochs_left=self.epochs - stats.epoch)
         if self.quiet:
             return
         val = "" if stats.val_acc is None else f" val {stats.val_acc:.2f}%"
         log.info(
-            "%slevel %d/%d epoch %d/%d: loss %.4f test %.2f%%%s (%.1fs)",
-            self.label, self.level, self.levels, stats.epoch, self.epochs, stats.train_loss, stats.test_acc, val, stats.seconds,
+            "%slevel %d/%d epoch %d/%d: loss %.4f test %.2f%%%s (train %.1fs, eval %.1fs%s)",
+            self.label, self.level, self.levels, stats.epoch, self.epochs, stats.train_loss, stats.test_acc, val,
+            train, max(wall - train, 0.0), f"; {eta}" if eta else "",
         )

@@ -25,13 +25,14 @@ from torch import nn
 
 from .data import load_data
 from .engine import Engine, resolve_engine
-from .errors import ConfigError, Interrupted, RunDirectoryError
+from .errors import ConfigError, Interrupted, QpruneError, RunDirectoryError
 from .fallback import FailSafeTrainer
 from .models import build_model, count_parameters, dense_real_parameters, parameter_counts
 from .levels import LevelContext, Trial, copy_state
 from .protocols import baseline_init, make_protocol, train_baselines
 from .pruning import Masks, prunable_weights
-from .reporting import ProgressObserver, RunInfo, RunLogger
+from .provenance import now, session
+from .reporting import ProgressObserver, RunClock, RunInfo, RunLogger, duration
 from .settings import Settings, run_identity
 from .store import RunDirectory, level_fix
 from .training import EagerTrainer, LevelTraining
@@ -122,7 +123,8 @@ class LevelRunner:
             s = self._prepare()
             for t in self.trials:
                 title = f"{s.model} / {s.algebra.name} / {s.dataset.name} (seed {t.s.seed})"
-                info = RunInfo(t.run_dir, run_name(t.s), title, t.config, self.counts, self.data.source, s.prune.levels + 1)
+                info = RunInfo(t.run_dir, run_name(t.s), title, t.config, self.counts, self.data.source, s.prune.levels + 1,
+                               self.data_sizes, t.sessions)
                 for logger in t.loggers:
                     logger.start(info, t.records)
         except KeyboardInterrupt:
@@ -130,6 +132,7 @@ class LevelRunner:
         first = min(len(t.records) for t in self.trials)
         if first > s.prune.levels:
             log.info("all %d levels are finished already", s.prune.levels + 1)
+        self.clock = RunClock(s.prune.levels, s.train.epochs)
         error, level = None, first
         try:
             for level in range(first, s.prune.levels + 1):
@@ -140,6 +143,7 @@ class LevelRunner:
                     raise RunDirectoryError(f"{self.run_dir} cannot be written (a read-only filesystem) and level {level} "
                                             "is left to train: copy it to a writable folder and rerun with "
                                             "hydra.run.dir=<the copy> to resume it")
+                self.clock.level_started(level)
                 self._train_level(level)
         except KeyboardInterrupt:
             error = Interrupted(f"interrupted during level {level}")
@@ -149,6 +153,7 @@ class LevelRunner:
             raise
         finally:
             for t in self.trials:
+                self._end_session(t, first, error)
                 for logger in t.loggers:
                     logger.finish(t.records, error)
         if len(self.trials) == 1:
@@ -172,6 +177,7 @@ class LevelRunner:
         log.info("model %s/%s: %d parameters (%.1f%% of the dense real model), %d prunable", s.model, s.algebra.name,
                  self.counts["params_total"], 100 * self.counts["params_total"] / self.dense_real, self.counts["prunable_total"])
         self.rewind_step = parse_step_count(s.prune.rewind, s.train.steps_per_epoch(len(data.train)))
+        self.data_sizes = {"train": len(data.train), "val": len(data.val) if data.val is not None else 0, "test": len(data.test)}
         for t in self.trials:
             self._read_finished_levels(t, device)
         if any(len(t.records) <= s.prune.levels for t in self.trials):  # finished: no checkpoint needed (nor read)
@@ -187,6 +193,9 @@ class LevelRunner:
         s = self.s
         threads = torch.get_num_threads()
         started = t.store.claim(run_identity(t.config), s.resume, {"threads": threads})
+        t.sessions = [*t.store.sessions(), session(device)]
+        if not self.read_only:
+            t.store.save_sessions(t.sessions)
         t.records = t.store.finished_levels()
         t.store.verify_levels(t.records)
         for stale in t.store.discard_levels_from(len(t.records)):
@@ -236,6 +245,18 @@ class LevelRunner:
             return FailSafeTrainer(lambda: build("graph"), lambda: build("eager"), models)
         return build(engine)
 
+    def _end_session(self, t: Trial, first: int, error: BaseException | None) -> None:
+        """This session's end time, levels and outcome in run.json (and levels.json, written after this)."""
+        if not t.sessions or self.read_only:
+            return  # stopped before the run was claimed, or looked at where nothing can be written
+        trained = [first, len(t.records) - 1] if len(t.records) > first else []
+        t.sessions[-1].update(ended=now(), levels_trained=trained,
+                              outcome="finished" if error is None else f"stopped: {type(error).__name__}")
+        try:
+            t.store.save_sessions(t.sessions)
+        except (OSError, QpruneError) as exc:  # the run's own outcome matters more than its provenance
+            log.warning("could not record the session's end in %s/run.json (%s)", t.run_dir, exc)
+
     def _train_level(self, level: int) -> None:
         """Prune, rewind and train every run at ``level``; each run's record is saved to its directory."""
         s, device, several = self.s, self.data.device, len(self.trials) > 1
@@ -244,7 +265,8 @@ class LevelRunner:
         observers = [
             _LevelObserver(t.model, self.rewind_step if level == 0 else -1, t.loggers, info, level=level,
                            levels=s.prune.levels, epochs=s.train.epochs, label=f"seed {t.s.seed}: " if several else "",
-                           mode=s.progress if t.index == 0 or s.progress == "none" else "plain")
+                           mode=s.progress if t.index == 0 or s.progress == "none" else "plain",
+                           clock=self.clock if t.index == 0 else None)
             for t, info in zip(self.trials, infos)
         ]
         trainings = self.trainer.train_level(masks, self.context.generators(level), observers,
@@ -256,6 +278,8 @@ class LevelRunner:
                 extra.setdefault(k, {}).update(columns)
             for t, w in zip(self.trials, weights):
                 t.model.load_state_dict(w)
+        took = duration(self.clock.level_done())
+        eta = self.clock.eta(level_finished=True)
         for t, mask, info, observer, training in zip(self.trials, masks, infos, observers, trainings):
             if len(t.records) > level:
                 continue  # finished in an earlier session (a resumed run ahead of the others): keep that result
@@ -279,8 +303,8 @@ class LevelRunner:
                 logger.level(record, t.records)
             row = record["row"]
             log.info("%slevel %d: %.2f%% of prunable weights left, %.2f%% of the real model's parameters, "
-                     "test accuracy %.2f%%", f"seed {t.s.seed}: " if several else "", level,
-                     100 * row["prunable_remaining"], row["pct_of_real"], row["test_acc"])
+                     "test accuracy %.2f%% (level took %s%s)", f"seed {t.s.seed}: " if several else "", level,
+                     100 * row["prunable_remaining"], row["pct_of_real"], row["test_acc"], took, f"; {eta}" if eta else "")
 
 
 def sparsity(masks: Masks, model: nn.Module, dense_real: int) -> dict:

@@ -224,6 +224,18 @@ class RunDirectory:
 
         return sweep_temporaries(self.path)
 
+    def sessions(self) -> list[dict]:
+        """Provenance of the sessions that made this run so far (see qprune.provenance), from run.json."""
+        marker = self.path / "run.json"
+        content = read_json(marker, START_OVER) if marker.exists() else {}
+        return list(content.get("sessions") or []) if isinstance(content, dict) else []
+
+    def save_sessions(self, sessions: list[dict]) -> None:
+        """The sessions in run.json, beside the identity (claim wrote it)."""
+        marker = self.path / "run.json"
+        content = read_json(marker, START_OVER)
+        atomic_write_text(marker, strict_json({**content, "sessions": sessions}, indent=2, sort_keys=True))
+
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self, name: str) -> Path:
         return self.path / "checkpoints" / f"{name}.pt"
