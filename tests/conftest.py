@@ -62,3 +62,13 @@ def cifar10(data_root, cache_dir):
     from qprune.data import load_raw
 
     return load_raw("cifar10", data_root, cache_dir, download=False)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_wandb_failures():
+    """A W&B failure is remembered for the rest of a process; each test starts without one."""
+    from qprune.wandb_logger import forget_failures
+
+    forget_failures()
+    yield
+    forget_failures()

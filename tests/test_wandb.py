@@ -186,3 +186,132 @@ def test_a_rejected_key_falls_back_to_offline(tiny_runner, tmp_path, monkeypatch
     assert any("going online failed" in r.getMessage() and SYNC_HINT in r.getMessage() for r in caplog.records)
     (run,) = written(tmp_path / "run/wandb")
     assert run.exit_code == 0 and [h["level/level"] for h in run.history if "level/level" in h] == [0, 1]
+
+
+# --------------------------------------------------------------------------- W&B must never cost a run
+
+def test_a_broken_wandb_install_turns_wandb_off_with_one_warning(data_root, cache_dir, tmp_path):
+    """A `wandb` that fails on import (a broken install) must not stop the run: one warning, results written."""
+    import os
+    import sys
+
+    from helpers import TINY, run_qprune
+
+    fake = tmp_path / "fake" / "wandb"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('protobuf does not match this wandb (a broken install)')\n")
+    src = Path(__file__).resolve().parents[1] / "src"
+    result = run_qprune([*TINY, "logger.mode=offline", f"hydra.run.dir={tmp_path / 'run'}"], data_root, cache_dir, tmp_path,
+                        PYTHONPATH=os.pathsep.join([str(fake.parent), str(src), *sys.path[1:]]))
+    warnings = [line for line in (result.stdout + result.stderr).splitlines() if "W&B" in line]
+    assert len(warnings) == 1, warnings
+    assert "`import wandb` failed" in warnings[0] and "broken install" in warnings[0] and "logger=csv" in warnings[0]
+    assert [r["level"] for r in read_levels_csv(tmp_path / "run/levels.csv")] == [0, 1]
+    assert not (tmp_path / "run/wandb").exists()
+
+
+def test_a_failed_import_is_remembered_for_the_process(tmp_path, monkeypatch, caplog):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)   # `import wandb` raises ImportError
+    with caplog.at_level(logging.WARNING, logger="qprune"):
+        for name in ("a", "b"):
+            logger = WandbLogger(WandbSettings(mode="offline"), group="g")
+            logger.start(_info(tmp_path, name), [])
+            logger.level(_record(0, 50.0), [])
+            logger.finish([_record(0, 50.0)], None)
+            assert logger.run is None
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("W&B: `import wandb` failed") and "import of wandb halted" in warning and str(tmp_path / "a") in warning
+
+
+def test_an_unreachable_server_goes_offline_in_seconds_once_per_process(tmp_path, monkeypatch, caplog):
+    """Online without a network used to wait ~91 s per run: a probe of a few seconds decides, once."""
+    import socket
+    import time
+
+    import qprune.wandb_logger as wl
+
+    attempts = []
+
+    def no_route(address, timeout=None, *args, **kwargs):
+        attempts.append((address, timeout))
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_route)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org:8443")
+    with caplog.at_level(logging.WARNING, logger="qprune"):
+        for name in ("a", "b"):
+            start = time.perf_counter()
+            logger = WandbLogger(WandbSettings(mode="online"), group="g")
+            logger.start(_info(tmp_path, name), [])
+            logger.level(_record(0, 50.0), [])
+            logger.finish([_record(0, 50.0)], None)
+            assert time.perf_counter() - start < 30, "bounded start-up"
+    assert attempts == [(("wandb.example.org", 8443), wl.PROBE_SECONDS)], "probed once, with a timeout of a few seconds"
+    assert wl.PROBE_SECONDS <= 5
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "cannot reach wandb.example.org:8443" in warnings[0] and SYNC_HINT in warnings[0]
+    for name in ("a", "b"):
+        (run,) = written(tmp_path / name)
+        assert run.exit_code == 0 and [h["level/test_acc"] for h in run.history if "level/test_acc" in h] == [50.0]
+
+
+# --------------------------------------------------------------------------- one W&B run per qprune run
+
+def test_a_resumed_and_extended_run_leaves_one_complete_offline_copy(tiny_runner, tmp_path):
+    """Every session of a run logs under the same W&B id; offline, the newest copy is complete and the
+    older ones are moved out of `wandb sync <run dir>/wandb/offline-run-*`'s way."""
+    import hashlib
+
+    tiny_runner("logger.mode=offline", "prune.levels=0").run()
+    tiny_runner("logger.mode=offline", "prune.levels=1").run()     # extends the run by level 1
+    (current,) = written(tmp_path / "run/wandb")
+    (older,) = offline_runs(tmp_path / "run/wandb", superseded=True)
+    identity = json.loads((tmp_path / "run/run.json").read_text())["identity"]
+    run_id = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    assert current.run_id.startswith(run_id + "-") and older.run_id == current.run_id
+    assert [h["level/level"] for h in current.history if "level/level" in h] == [0, 1], "the newest copy is complete"
+    assert [h["level/level"] for h in older.history if "level/level" in h] == [0]
+    assert current.summary["levels_logged"] == 2 and current.exit_code == 0
+
+
+class FakeRun:
+    """What a resumed online W&B run looks like to qprune: its summary holds what it has already."""
+
+    def __init__(self, summary: dict):
+        self.id, self.dir, self.url, self.offline, self.resumed = "r", "/tmp/x/files", "https://wandb.ai/e/qprune/runs/r", False, True
+        self.summary, self.logged, self.exit_code = dict(summary), [], None
+
+    def log(self, metrics):
+        self.logged.append(metrics)
+
+    def define_metric(self, *args, **kwargs):
+        pass
+
+    def finish(self, exit_code=0):
+        self.exit_code = exit_code
+
+
+def test_a_resumed_online_run_logs_only_the_levels_it_lacks(tmp_path, monkeypatch):
+    import qprune.wandb_logger as wl
+
+    opened = []
+    fake = FakeRun({"levels_logged": 1, "epoch/step": 1})
+
+    def open_run(mode, directory, results, **init):
+        opened.append((mode, init["id"]))
+        return fake
+
+    monkeypatch.setattr(wl, "open_run", open_run)
+    monkeypatch.setattr(WandbLogger, "_log_results", lambda self, records, error: None)
+    logger = WandbLogger(WandbSettings(mode="disabled"), group="g")
+    logger.mode = "online"
+    info = _info(tmp_path, "run")
+    logger.start(info, [_record(0, 60.0), _record(1, 70.0)])     # level 0 is in the W&B run already
+    logger.finish([_record(0, 60.0), _record(1, 70.0)], None)
+    assert opened == [("online", wl.wandb_id(info.config, "g", info.run_dir))]
+    assert [m["level/test_acc"] for m in fake.logged if "level/test_acc" in m] == [70.0]
+    assert [(m["epoch/step"], m["test/acc"]) for m in fake.logged if "test/acc" in m] == [(2, 70.0)]
+    assert fake.summary["levels_logged"] == 2 and fake.exit_code == 0

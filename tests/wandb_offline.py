@@ -83,6 +83,8 @@ def read_offline_run(run_dir: Path) -> OfflineRun:
     return run
 
 
-def offline_runs(folder: Path) -> list[OfflineRun]:
-    """Every offline W&B run under ``folder``, oldest first."""
-    return [read_offline_run(p) for p in sorted(Path(folder).rglob("offline-run-*"), key=lambda p: p.name)]
+def offline_runs(folder: Path, superseded: bool = False) -> list[OfflineRun]:
+    """Every offline W&B run under ``folder`` that ``wandb sync .../offline-run-*`` would upload, oldest first
+    (``superseded``: the older copies qprune moved aside instead)."""
+    found = [p for p in Path(folder).rglob("offline-run-*") if ("superseded" in p.parts) == superseded]
+    return [read_offline_run(p) for p in sorted(found, key=lambda p: p.name)]

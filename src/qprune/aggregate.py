@@ -268,22 +268,30 @@ def log_to_wandb(summary: SweepSummary, logger: dict | None, group: str | None) 
     """A summary run (job_type ``aggregate``) in the sweep's W&B group: the mean table and figure."""
     if (logger or {}).get("backend") != "wandb":
         return
-    from .wandb_logger import WandbSettings, open_run, resolve_mode
+    import hashlib
+
+    from .wandb_logger import WandbSettings, import_wandb, open_run, resolve_mode, supersede_older_copies
 
     settings = WandbSettings.from_config(logger)
     mode, _ = resolve_mode(settings.mode)
     if mode == "disabled":
         return
     group = settings.group or group
-    run = open_run(mode, summary.out_dir, summary.out_dir, project=settings.project, entity=settings.entity,
+    # one summary run per sweep folder: a resumed sweep updates it (online) or replaces its offline copy
+    run_id = "summary-" + hashlib.sha1(json.dumps([group, summary.out_dir.resolve().name]).encode()).hexdigest()[:10]
+    run = open_run(mode, summary.out_dir, summary.out_dir, quiet=settings.quiet, init_timeout=settings.init_timeout,
+                   id=run_id, project=settings.project, entity=settings.entity,
                    group=group, job_type="aggregate", name=f"{group or 'sweep'}-summary", tags=list(settings.tags),
                    config={"sweep_dir": str(summary.out_dir), "runs": [str(r.path) for r in summary.runs],
                            "curves": [c.label for c in summary.curves]})
     if run is None:
         return
     try:
-        import wandb
-
+        wandb = import_wandb(summary.out_dir)
+        if run.offline:
+            supersede_older_copies(run)
+        log.info("W&B sweep summary run %s%s: %s", run.id, " (offline)" if run.offline else "",
+                 Path(run.dir).parent if run.offline else run.url)
         table = wandb.Table(columns=summary.columns, data=[[_cell(r.get(c)) for c in summary.columns] for r in summary.rows])
         run.log({
             "sweep_mean": table,
