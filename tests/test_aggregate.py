@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import shutil
 import statistics
 import subprocess
 import sys
@@ -87,23 +89,43 @@ def test_mean_and_std_over_seeds_per_curve(two_models, tmp_path):
         assert {r["seed"] for r in mine} == {str(run.config["seed"])}
 
 
-def test_the_figure_plots_the_means_with_std_bands(two_models):
+def test_the_figure_has_a_panel_per_model_and_dataset_with_std_error_bars(two_models):
+    """Unrelated experiments never share an axis; colour says the algebra, the legend only what differs
+    within the panel, and each point's bar spans mean ± sample std over the seeds that reached it."""
+    import matplotlib.colors as mcolors
+
     root, accuracy = two_models
     summary = aggregate([root], root)
-    fig = sweep_figure(summary.curves, "t")
-    ax = fig.axes[0]
-    assert ax.get_xscale() == "log"
-    for line, curve in zip(ax.lines, summary.curves):
-        model, algebra = curve.label.split()
-        seeds = accuracy[(model, algebra)]
-        assert list(line.get_ydata()) == pytest.approx([statistics.fmean(a[i] for a in seeds if len(a) > i) for i in range(3)], abs=1e-4)
-        assert line.get_label().endswith("(3 runs)")
-    assert len(ax.collections) == 4, "one std band per curve"
-    band = ax.collections[0].get_paths()[0].vertices[:, 1]   # conv4 real3, the first curve
-    per_level = [[a[i] for a in accuracy[("conv4", "real3")]] for i in range(3)]
-    assert band.max() == pytest.approx(max(statistics.fmean(v) + statistics.stdev(v) for v in per_level), abs=1e-3)
-    assert band.min() == pytest.approx(min(statistics.fmean(v) - statistics.stdev(v) for v in per_level), abs=1e-3)
+    fig = sweep_figure(summary.curves)
+    conv4, lenet = fig.axes
+    assert (conv4.get_title(), lenet.get_title()) == ("conv4 on cifar10", "lenet_300_100 on mnist")
+    for ax, model in ((conv4, "conv4"), (lenet, "lenet_300_100")):
+        assert ax.get_xscale() == "log"
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["real3 (3 runs)", "quat (3 runs)"]
+        real3, quat = [line for line in ax.lines if not line.get_label().startswith("_")]  # not the bars' caps
+        assert mcolors.to_hex(real3.get_color()) == "#1f77b4" and mcolors.to_hex(quat.get_color()) == "#2ca02c"
+        for line, algebra in ((real3, "real3"), (quat, "quat")):
+            seeds = accuracy[(model, algebra)]
+            means = [statistics.fmean(a[i] for a in seeds if len(a) > i) for i in range(3)]
+            stds = [statistics.stdev([a[i] for a in seeds if len(a) > i]) for i in range(3)]
+            assert list(line.get_ydata()) == pytest.approx(means, abs=1e-4)
+            bars = next(c for c in ax.containers if mcolors.to_hex(c.lines[2][0].get_color()[0]) == mcolors.to_hex(line.get_color()))
+            spans = sorted(v for seg in bars.lines[2][0].get_segments() for v in (seg[:, 1].min(), seg[:, 1].max()))
+            assert spans == pytest.approx(sorted(v for m, s in zip(means, stds) for v in (m - s, m + s)), abs=1e-3)
+        caption = " ".join(" ".join(t.get_text().split()) for t in ax.texts)
+        assert "40 epochs per level" in caption and "the full training set" in caption and "protocol lth" in caption
+        assert caption.endswith("mean ± std over 3 seeds")
     assert (root / "accuracy_vs_sparsity.png").stat().st_size > 20_000
+
+
+def test_the_percent_axis_labels_1_2_5_in_every_decade():
+    from qprune.reporting import percent_of_real_axis, pyplot
+
+    fig, ax = pyplot().subplots()
+    percent_of_real_axis(ax, [100.0, 40.0, 3.1, 0.3])
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.5", "1", "2", "5", "10", "20", "50", "100"]
+    assert ax.get_xlim()[0] > ax.get_xlim()[1], "dense on the left"
 
 
 def test_a_real_sweep_aggregates_to_its_jobs_numbers(basic_sweep):
@@ -138,8 +160,35 @@ def test_aggregate_script_on_finished_sweeps(two_models, tmp_path):
 
 def test_aggregate_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "multirun.yaml").write_text("{}\n")   # a sweep whose jobs all failed
     assert main([str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no runs (levels.csv with levels.json) under" in err
     assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 2
     assert "pass --out" in capsys.readouterr().err
+
+
+def test_aggregate_writes_into_dir_only_when_it_is_a_sweep(two_models, tmp_path, capsys, caplog):
+    """A folder of runs that is no sweep (the system's temp folder, say) is read, never written into, unasked."""
+    root, _ = two_models
+    before = sorted(p.name for p in root.iterdir())
+    assert main([str(root)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a sweep's directory" in err and "pass --out" in err
+    assert sorted(p.name for p in root.iterdir()) == before
+    sweep = tmp_path / "sweep"
+    shutil.copytree(root, sweep)
+    (sweep / "multirun.yaml").write_text("{}\n")
+    assert main([str(sweep)]) == 0
+    assert (sweep / "sweep_mean.csv").is_file() and (sweep / "accuracy_vs_sparsity.png").is_file()
+
+
+def test_runs_found_twice_are_counted_once_with_one_line(two_models, tmp_path, caplog):
+    root, _ = two_models
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    with caplog.at_level(logging.WARNING, logger="qprune"):
+        summary = aggregate([root, copy], tmp_path / "out")
+    assert len(summary.runs) == 12
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("12 run(s) found twice")

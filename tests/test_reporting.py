@@ -19,3 +19,18 @@ def test_training_curves_have_one_line_per_level_with_its_epochs(tmp_path):
     assert ax.lines[0].get_color() != ax.lines[2].get_color(), "levels are told apart by colour"
     plot_training_curves(records, tmp_path / "training_curves.png", "t")
     assert (tmp_path / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_curves_with_one_epoch_have_one_tick_and_a_visible_last_level():
+    import matplotlib.colors as mcolors
+
+    records = [_record(level, [90.0 + level]) for level in range(21)]
+    ax = training_curves_figure(records, "t").axes[0]
+    assert list(ax.get_xticks()) == [1] and ax.get_xlim() == (0.5, 1.5)
+
+    def luminance(colour) -> float:   # WCAG relative luminance
+        r, g, b = (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in mcolors.to_rgb(colour))
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    contrast = 1.05 / (luminance(ax.lines[-1].get_color()) + 0.05)
+    assert contrast >= 2, f"the last level's colour is too pale on white (contrast {contrast:.2f})"

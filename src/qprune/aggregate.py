@@ -54,6 +54,7 @@ class SweepRun:
     path: Path
     config: dict
     rows: list[dict]
+    data_sizes: dict = field(default_factory=dict)   # images per split (levels.json; older runs lack it)
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -73,6 +74,7 @@ class Curve:
 def find_runs(roots: Sequence[Path]) -> list[SweepRun]:
     """Every finished-or-partial run (a levels.csv with its levels.json) under ``roots``."""
     runs: dict[str, SweepRun] = {}
+    duplicates: list[tuple[SweepRun, SweepRun]] = []
     for root in roots:
         root = Path(root)
         if not root.is_dir():
@@ -82,18 +84,22 @@ def find_runs(roots: Sequence[Path]) -> list[SweepRun]:
             if not json_path.is_file():
                 log.warning("skipping %s: no levels.json beside it (the run's config)", csv_path.parent)
                 continue
-            run = SweepRun(csv_path.parent, json.loads(json_path.read_text())["config"], read_levels_csv(csv_path))
+            meta = json.loads(json_path.read_text())
+            run = SweepRun(csv_path.parent, meta["config"], read_levels_csv(csv_path), meta.get("data_sizes") or {})
             if not run.rows:
                 continue
             # the same run twice (a folder given twice, a copy): keep the one with more levels
             fingerprint = json.dumps(run.identity, sort_keys=True, default=str)
             if fingerprint in runs:
-                kept = max(runs[fingerprint], run, key=lambda r: len(r.rows))
-                log.warning("%s and %s are the same run; using %s", runs[fingerprint].path, run.path, kept.path)
-                run = kept
+                duplicates.append((runs[fingerprint], run))
+                run = max(runs[fingerprint], run, key=lambda r: len(r.rows))
             runs[fingerprint] = run
     if not runs:
         raise DataError(f"no runs (levels.csv with levels.json) under {', '.join(map(str, roots))}")
+    if duplicates:
+        first, second = duplicates[0]
+        log.warning("%d run(s) found twice (the same identity, e.g. %s and %s); each counted once, with its copy "
+                    "that has the most levels", len(duplicates), first.path, second.path)
     return list(runs.values())
 
 
@@ -174,32 +180,119 @@ def _mean_std(name: str, values: list) -> dict:
     return {f"{name}_mean": round(statistics.fmean(values), 4), f"{name}_std": None if std is None else round(std, 4)}
 
 
-def sweep_figure(curves: Sequence[Curve], title: str):
-    """Mean test accuracy against mean % of real parameters per curve, with a ± std band."""
-    fig, ax = pyplot().subplots(figsize=(7, 4.5), dpi=120)
-    xs: list[float] = []
+# The algebras' colours, the same in every figure; other algebras take the next free colour.
+ALGEBRA_COLOURS = {"real3": "tab:blue", "real4": "tab:orange", "quat": "tab:green"}
+SPARE_COLOURS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+# the other swept values (rate, model options, ...): line style and marker
+LINE_STYLES = (("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ((0, (5, 1, 1, 1)), "v"), ((0, (1, 3)), "P"))
+ERROR_BARS_UP_TO = 3   # runs per point: with this few, error bars read better than overlapping bands
+
+
+def algebra_colours(algebras) -> dict[str, str]:
+    spare = iter(SPARE_COLOURS)
+    return {a: ALGEBRA_COLOURS.get(a) or next(spare, "black") for a in dict.fromkeys(algebras)}
+
+
+def panels(curves: Sequence[Curve]) -> list[tuple[str, list[Curve]]]:
+    """One panel per model and dataset: curves of unrelated experiments never share an axis."""
+    grouped: dict[tuple[str, str], list[Curve]] = {}
     for curve in curves:
+        grouped.setdefault((str(curve.key["model.name"]), str(curve.key["dataset.name"])), []).append(curve)
+    return [(f"{model} on {dataset}", cs) for (model, dataset), cs in sorted(grouped.items())]
+
+
+def _panel_keys(curves: Sequence[Curve]) -> list[str]:
+    """The keys that tell this panel's curves apart (the algebra first)."""
+    keys = [k for k in curves[0].key if k not in ("model.name", "dataset.name")]
+    varying = [k for k in keys if len({json.dumps(c.key.get(k), default=str) for c in curves}) > 1]
+    return ["algebra.name", *(k for k in varying if k != "algebra.name")]
+
+
+def _panel_label(curve: Curve, keys: Sequence[str]) -> str:
+    return " ".join(str(curve.key[k]) if k.endswith(".name") else f"{k}={_compact(curve.key.get(k))}" for k in keys)
+
+
+def schedule_caption(runs: Sequence[SweepRun]) -> str:
+    """The schedule the panel's numbers come from, so a short test run never passes for a result."""
+    flat = [flatten(r.config) for r in runs]
+
+    def common(key: str):
+        values = {json.dumps(f.get(key), default=str) for f in flat}
+        return json.loads(values.pop()) if len(values) == 1 else "varies"
+
+    epochs, max_steps, protocol, rate = (common(k) for k in ("train.epochs", "train.max_steps", "protocol.name", "prune.rate"))
+    sizes = {r.data_sizes.get("train") for r in runs}
+    if len(sizes) == 1 and None not in sizes:
+        images = f"{sizes.pop():,} training images"
+    else:
+        subset = common("data.train_size")
+        images = "the full training set" if subset is None and common("data.val_size") is None else f"data.train_size={subset}"
+    parts = [f"{epochs} epoch{'s' * (epochs != 1)} per level" + (f" (at most {max_steps} steps)" if max_steps not in (None, "varies") else ""),
+             images, f"protocol {protocol}"]
+    if isinstance(rate, (int, float)):
+        parts.append(f"{100 * rate:g}% pruned per level")
+    seeds = sorted({r.config.get("seed") for r in runs}, key=str)
+    return "schedule: " + ", ".join(parts) + f"; mean ± std over {len(seeds)} seed{'s' * (len(seeds) != 1)}"
+
+
+def sweep_figure(curves: Sequence[Curve], title: str | None = None):
+    """Mean test accuracy against mean % of real parameters: a panel per model and dataset, colour by
+    algebra, line style by the other swept values, ± std as error bars (few runs) or bands."""
+    import math
+    import textwrap
+
+    groups = panels(curves)
+    cols = min(len(groups), 2)
+    rows = math.ceil(len(groups) / cols)
+    fig, axes = pyplot().subplots(rows, cols, figsize=(6.6 * cols, 4.6 * rows), dpi=120, squeeze=False)
+    colours = algebra_colours(c.key["algebra.name"] for c in curves)
+    for ax, (name, panel) in zip(axes.flat, groups):
+        _draw_panel(ax, panel, colours)
+        ax.set_title(name, fontsize=11)
+        runs = [r for c in panel for r in c.runs]
+        ax.annotate(textwrap.fill(schedule_caption(runs), width=120), xy=(0, 0), xycoords="axes fraction",
+                    xytext=(0, -36), textcoords="offset points", va="top", fontsize=7, color="0.3")
+    for ax in list(axes.flat)[len(groups):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(textwrap.fill(title, width=int(11 * 6.6 * cols)), fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def _draw_panel(ax, curves: Sequence[Curve], colours: dict[str, str]) -> None:
+    keys = _panel_keys(curves)
+    others = list(dict.fromkeys(json.dumps([c.key.get(k) for k in keys[1:]], default=str) for c in curves))
+    few = max(p["runs"] for c in curves for p in c.points) <= ERROR_BARS_UP_TO
+    xs: list[float] = []
+    for i, curve in enumerate(curves):
+        colour = colours[curve.key["algebra.name"]]
+        style, marker = LINE_STYLES[others.index(json.dumps([curve.key.get(k) for k in keys[1:]], default=str)) % len(LINE_STYLES)]
         x = [p["pct_of_real"] for p in curve.points]
         mean = [p["test_acc_mean"] for p in curve.points]
+        std = [p["test_acc_std"] for p in curve.points]
         seeds = len(curve.runs)
-        (line,) = ax.plot(x, mean, marker="o", markersize=3, label=f"{curve.label} ({seeds} run{'s' * (seeds > 1)})")
-        band = [(xi, m, p["test_acc_std"]) for xi, m, p in zip(x, mean, curve.points) if p["test_acc_std"] is not None]
-        if band:
-            bx, bm, bs = zip(*band)
-            ax.fill_between(bx, [m - s for m, s in zip(bm, bs)], [m + s for m, s in zip(bm, bs)],
-                            color=line.get_color(), alpha=0.2, linewidth=0)
-        for column, (style, what) in BASELINE_STYLES.items():  # baselines: the ticket's colour, dashed
+        label = f"{_panel_label(curve, keys)} ({seeds} run{'s' * (seeds > 1)})"
+        ax.plot(x, mean, color=colour, linestyle=style, marker=marker, markersize=3.5, linewidth=1.6, label=label)
+        shown = [(xi, m, s) for xi, m, s in zip(x, mean, std) if s is not None]
+        if shown and few:  # nudged apart (in log x) so that the curves' bars do not hide each other
+            nudge = 1.0 + 0.012 * (i - (len(curves) - 1) / 2)
+            bx, bm, bs = zip(*shown)
+            ax.errorbar([v * nudge for v in bx], bm, yerr=bs, fmt="none", ecolor=colour, elinewidth=0.9, capsize=2.5, alpha=0.8)
+        elif shown:
+            bx, bm, bs = zip(*shown)
+            ax.fill_between(bx, [m - s for m, s in zip(bm, bs)], [m + s for m, s in zip(bm, bs)], color=colour, alpha=0.15, linewidth=0)
+        for column, (baseline_style, what) in BASELINE_STYLES.items():  # baselines: the curve's colour, thin
             points = [(xi, p[f"{column}_mean"]) for xi, p in zip(x, curve.points) if p[f"{column}_mean"] is not None]
             if points:
-                ax.plot(*zip(*points), linestyle=style, color=line.get_color(), linewidth=1, label=f"{curve.label}: {what}")
+                ax.plot(*zip(*points), linestyle=baseline_style, color=colour, linewidth=0.9, alpha=0.8,
+                        label=f"{_panel_label(curve, keys)}: {what}")
         xs += x
     percent_of_real_axis(ax, xs)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.grid(True, which="minor", alpha=0.1)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
 
 
 @dataclass
@@ -235,10 +328,7 @@ def aggregate(roots: Sequence[Path], out_dir: Path) -> SweepSummary:
                  for c in curves for p in c.points]
     _write_csv(out_dir / "sweep_mean.csv", mean_columns, mean_rows)
 
-    models = ", ".join(sorted({str(c.key["model.name"]) for c in curves}))
-    datasets = ", ".join(sorted({str(c.key["dataset.name"]) for c in curves}))
-    title = f"{models} on {datasets}: test accuracy (mean ± std over seeds)"
-    save_figure(sweep_figure(curves, title), out_dir / "accuracy_vs_sparsity.png")
+    save_figure(sweep_figure(curves), out_dir / "accuracy_vs_sparsity.png")
     return SweepSummary(out_dir, runs, curves, mean_columns, mean_rows)
 
 
@@ -342,17 +432,28 @@ class AggregateSweep(Callback):
             return None
 
 
+SWEEP_MARKER = "multirun.yaml"   # what Hydra writes into a sweep's directory
+
+
+def is_sweep_dir(path: Path) -> bool:
+    """A Hydra multirun's directory: the one kind of folder the aggregation writes into unasked."""
+    return (Path(path) / SWEEP_MARKER).is_file()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="aggregate.py", description="Collect the runs under DIR... into sweep.csv, sweep_mean.csv and accuracy_vs_sparsity.png.")
     parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="sweep folders (searched recursively for levels.csv)")
-    parser.add_argument("--out", type=Path, help="where to write (default: DIR, when there is one)")
+    parser.add_argument("--out", type=Path, help="where to write (default: DIR, when it is one sweep's directory)")
     parser.add_argument("--wandb", action="store_true", help="also log a summary run to W&B (with the runs' own logger config)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.out is None and len(args.dirs) > 1:
             raise DataError("several DIRs: pass --out to say where the sweep's table and figure go")
+        if args.out is None and not is_sweep_dir(args.dirs[0]):
+            raise DataError(f"{args.dirs[0]} is not a sweep's directory (no {SWEEP_MARKER} from Hydra's -m in it): "
+                            "pass --out to say where the table and figure go")
         out = args.out or args.dirs[0]
         summary = aggregate(args.dirs, out)
         if args.wandb:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import statistics
 import sys
 import time
@@ -75,7 +76,7 @@ def pyplot():
 def save_figure(fig, path: Path) -> None:
     """PNG through an atomic write (a half-written plot never replaces a good one)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    fig.savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.1)  # captions below the axes included
     pyplot().close(fig)
     atomic_write_bytes(path, buffer.getvalue())
 
@@ -118,19 +119,25 @@ def training_curves_figure(records: Sequence[dict], title: str):
     """Test accuracy against epoch, one curve per level (colour: level; legend: % of real parameters).
 
     Shows whether a level had converged: a curve still rising at its last epoch means the
-    level's accuracy (the last epoch's) understates what the sparse network can do.
+    level's accuracy (the last epoch's) understates what the sparse network can do. The colours
+    run from dark to a mid green, never to a pale yellow that vanishes on white.
     """
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     cmap = plt.get_cmap("viridis")
     last = max(1, len(records) - 1)
+    most = max((len(r["epochs"]) for r in records), default=1)
     for record in records:
         row, epochs = record["row"], record["epochs"]
         ax.plot([e["epoch"] for e in epochs], [e["test_acc"] for e in epochs], marker="o" if len(epochs) < 8 else None,
-                markersize=3, color=cmap(row["level"] / last), label=f"{row['level']}: {row['pct_of_real']:.3g}%")
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                markersize=3, color=cmap(0.7 * row["level"] / last), label=f"{row['level']}: {row['pct_of_real']:.3g}%")
+    if most <= 12:  # every epoch a tick, and room around a lone one
+        ax.set_xticks(range(1, most + 1))
+        ax.set_xlim(0.5, most + 0.5)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
@@ -205,21 +212,25 @@ class LocalFiles(RunLogger):
         plot_training_curves(records, info.run_dir / "training_curves.png", info.title)
 
 
-PERCENT_TICKS = tuple(m * 10.0**e for e in range(-3, 3) for m in (1, 2, 2.5, 5))
-
-
 def percent_of_real_axis(ax, values: Sequence[float]) -> None:
-    """Log x-axis of % of the real model's parameters, dense on the left, readable tick labels."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+    """Log x-axis of % of the real model's parameters, dense on the left.
+
+    Labelled ticks at 1, 2 and 5 of every decade (so values below 10% are read off as easily as
+    those above), unlabelled ones at the other integers; a range narrower than that gets the
+    data's own values as labels.
+    """
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
     ax.set_xscale("log")
     lo, hi = min(values), max(values)
-    ticks = [t for t in PERCENT_TICKS if lo / 1.1 <= t <= hi * 1.1]
+    decades = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+    ticks = [m * 10.0**e for e in decades for m in (1, 2, 5) if lo / 1.1 <= m * 10.0**e <= hi * 1.1]
     if len(ticks) < 3:  # a narrow range: label the data's own values instead
         ticks = sorted({float(f"{v:.3g}") for v in values})[:: max(1, len(values) // 6)]
     ax.xaxis.set_major_locator(FixedLocator(ticks))
-    ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(LogLocator(base=10, subs=(3, 4, 6, 7, 8, 9)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlim(hi * 1.15, lo / 1.15)
     ax.set_xlabel("% of the dense real model's parameters (log scale)")
 
@@ -278,6 +289,8 @@ class RunClock:
         seconds = self.seconds_left(epochs_left, level_finished)
         if not seconds or seconds < 1:
             return ""
+        if seconds < 600:
+            return f"run ETA {duration(seconds)}"
         at = time.strftime("%H:%M" if seconds < 86400 else "%a %H:%M", time.localtime(time.time() + seconds))
         return f"run ETA {duration(seconds)} (about {at})"
 
