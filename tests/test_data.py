@@ -146,3 +146,34 @@ def test_image_folder_of_mixed_sizes_needs_image_size(tmp_path):
         load_raw("imagefolder", tmp_path, None, False, path=tmp_path / "d")
     raw = load_raw("imagefolder", tmp_path, None, False, path=tmp_path / "d", image_size=6)
     assert raw.train_x.shape == (2, 3, 6, 6)
+
+
+@pytest.mark.parametrize("root_exists", [False, True])
+def test_a_failed_download_leaves_nothing_behind_and_says_why_in_full(tmp_path, monkeypatch, root_exists):
+    """Offline with data.download=true: what torchvision created is removed (data.root itself when it
+    was new), and its whole error is shown, on one line."""
+    from qprune.data import sources
+
+    reason = ("Error downloading train-images-idx3-ubyte.gz:\nTried https://ossci-datasets.s3.amazonaws.com/mnist/, got:\n"
+              "<urlopen error [Errno -3] Temporary failure in name resolution>\nTried http://yann.lecun.com/exdb/mnist/, "
+              "got:\n<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    def offline_fetch(folder, root):   # as torchvision does: its folders and a partial file, then the error
+        (root / folder / "raw").mkdir(parents=True)
+        (root / folder / "raw" / "train-images-idx3-ubyte.gz.part").write_bytes(b"\x1f\x8b partial")
+        raise RuntimeError(reason)
+
+    monkeypatch.setattr(sources, "_torchvision_fetch", offline_fetch)
+    if root_exists:
+        root = tmp_path / "data"
+        root.mkdir()
+        (root / "README.md").write_text("mine")
+    else:
+        root = tmp_path / "nonexistent" / "data"
+    with pytest.raises(DataError) as info:
+        load_raw("mnist", root, None, download=True)
+    message = str(info.value)
+    assert "\n" not in message and message.endswith(" ".join(reason.split()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["data"] if root_exists else [])
+    if root_exists:
+        assert [p.name for p in root.iterdir()] == ["README.md"]

@@ -226,7 +226,8 @@ def finished_levels(job: Job) -> int:
 
 
 def levels_line(s: Settings) -> str:
-    rate = f"{s.prune.rate:g}" if not s.prune.layer_rates or not any(s.prune.layer_rates.values()) else "per layer type"
+    per_type = s.prune.layer_rates and any(v is not None for v in s.prune.layer_rates.values())
+    rate = "a per-layer-type share" if per_type else f"{100 * s.prune.rate:g}%"
     return (f"{s.prune.levels + 1} (level 0 dense, then {s.prune.levels} pruning {rate} of the remaining weights each); "
             f"protocol {s.protocol.name}, {s.train.epochs} epochs per level"
             + (f" (at most {s.train.max_steps} steps)" if s.train.max_steps else "")

@@ -287,7 +287,7 @@ class RunClock:
     def eta(self, epochs_left: int = 0, level_finished: bool = False) -> str:
         """'run ETA 1.2 h (about 16:40)', or '' when nothing is left or nothing is measured yet."""
         seconds = self.seconds_left(epochs_left, level_finished)
-        if not seconds or seconds < 1:
+        if not seconds or seconds <= 0:
             return ""
         if seconds < 600:
             return f"run ETA {duration(seconds)}"
