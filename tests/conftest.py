@@ -1,4 +1,4 @@
-"""Shared fixtures: the real datasets in ../shared/data (or $QPRUNE_TEST_DATA), loaded once per session."""
+"""Shared fixtures: the real datasets in $QPRUNE_TEST_DATA, else $QPRUNE_DATA, else ../shared/data, loaded once per session."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from helpers import TINY, run_qprune
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_ROOT = Path(os.environ.get("QPRUNE_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
+DATA_ROOT = Path(os.environ.get("QPRUNE_TEST_DATA") or os.environ.get("QPRUNE_DATA") or REPO.parent / "shared" / "data").resolve()
 
 
 def pytest_configure(config):
@@ -40,7 +40,7 @@ def basic_sweep(data_root, cache_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     if not (DATA_ROOT / "MNIST" / "raw").is_dir():
-        pytest.fail(f"the real datasets are not at {DATA_ROOT}: put ../shared/data beside the checkout or set QPRUNE_TEST_DATA")
+        pytest.fail(f"the real datasets are not at {DATA_ROOT}: put ../shared/data beside the checkout or set QPRUNE_DATA")
     return DATA_ROOT
 
 

@@ -440,13 +440,17 @@ def is_sweep_dir(path: Path) -> bool:
     return (Path(path) / SWEEP_MARKER).is_file()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aggregate.py", description="Collect the runs under DIR... into sweep.csv, sweep_mean.csv and accuracy_vs_sparsity.png.")
     parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="sweep folders (searched recursively for levels.csv)")
     parser.add_argument("--out", type=Path, help="where to write (default: DIR, when it is one sweep's directory)")
     parser.add_argument("--wandb", action="store_true", help="also log a summary run to W&B (with the runs' own logger config)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = arguments().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.out is None and len(args.dirs) > 1:
