@@ -123,7 +123,7 @@ def test_the_help_page_lists_every_option_and_examples(data_root, cache_dir, tmp
     assert out.stdout.startswith("qprune: pruning experiments") and "Examples:" in out.stdout
     listed = out.stdout.replace("|", " ").split()
     conf = REPO / "conf"
-    for group in ("model", "algebra", "dataset", "prune", "protocol", "train", "logger", "experiment", "hydra/launcher"):
+    for group in ("model", "algebra", "dataset", "prune", "protocol", "fidelity", "train", "logger", "experiment", "hydra/launcher"):
         for option in (conf / group).rglob("*.yaml"):
             name = option.relative_to(conf / group).with_suffix("").as_posix()
             assert name in listed, f"{group}={name} is missing from conf/hydra/help/qprune.yaml"
