@@ -105,6 +105,7 @@ def test_resume_refuses_a_different_run_in_the_same_directory(quick_run, data_ro
     result = run_qprune([*QUICK, "train.lr=0.01", f"hydra.run.dir={run_dir}"], data_root, cache_dir, tmp_path, check=False)
     assert result.returncode == 2
     assert "holds a different run (changed: train.lr)" in result.stderr
+    assert "holds a different run (changed: train.lr)" in (run_dir / "qprune.log").read_text(), "the error is in the log too"
 
 
 @pytest.mark.parametrize("override,message", [

@@ -93,9 +93,14 @@ def test_two_jobs_of_one_process_are_two_finished_wandb_runs(basic_sweep):
 
 def test_without_credentials_one_line_says_how_to_sync_later(basic_sweep):
     _, result = basic_sweep
-    notes = [line for line in (result.stdout + result.stderr).splitlines() if "W&B: no credentials" in line]
+    lines = (result.stdout + result.stderr).splitlines()
+    notes = [line for line in lines if "W&B: no credentials" in line]
     assert len(notes) == 1, "once per process, not once per job"
     assert "logging offline" in notes[0] and "wandb sync" in notes[0]
+    # quiet: none of W&B's own banners, one line per run (and one for the sweep's summary) from qprune
+    assert not [line for line in lines if line.startswith("wandb:")]
+    assert len([line for line in lines if "W&B run " in line and "(offline): " in line]) == 4
+    assert len([line for line in lines if "W&B sweep summary run " in line]) == 1
 
 
 def written(folder: Path):
