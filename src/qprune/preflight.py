@@ -14,7 +14,7 @@ import difflib
 import json
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +73,7 @@ def check_command(argv: Sequence[str], config_name: str = "config") -> Plan | No
     with _hydra() as hydra:
         if not args.multirun:
             cfg = _compose(hydra, name, args.overrides, RunMode.RUN)
-            job = _job(cfg, None, list(args.overrides), Path(str(cfg.hydra.run.dir)))
+            job = _job(cfg, None, list(args.overrides), lambda: Path(str(cfg.hydra.run.dir)))
             return Plan(False, [job], None, bool(job.config.get("dry_run")))
         master = _compose(hydra, name, args.overrides, RunMode.MULTIRUN)
         sweep_dir = Path(str(master.hydra.sweep.dir))
@@ -83,7 +83,7 @@ def check_command(argv: Sequence[str], config_name: str = "config") -> Plan | No
             cfg = _compose(hydra, name, hydra_overrides + overrides, RunMode.RUN)
             with open_dict(cfg.hydra.job):
                 cfg.hydra.job.num = number
-            jobs.append(_job(cfg, number, overrides, sweep_dir / str(cfg.hydra.sweep.subdir)))
+            jobs.append(_job(cfg, number, overrides, lambda cfg=cfg: sweep_dir / str(cfg.hydra.sweep.subdir)))
         return Plan(True, jobs, sweep_dir, any(j.config.get("dry_run") for j in jobs))
 
 
@@ -115,15 +115,20 @@ def _sweep(hydra, master: DictConfig) -> list[list[str]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from hydra.errors import HydraException
+
     task = list(master.hydra.overrides.task)
     if not str(master.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return [task]  # another sweeper chooses its own jobs: check the command line's config only
     params = [f"{k}={v}" for k, v in (master.hydra.sweeper.get("params") or {}).items()]
-    parsed = OverridesParser.create(config_loader=hydra.config_loader).parse_overrides(params + task)
-    return [job for chunk in BasicSweeper.split_arguments(parsed, None) for job in chunk]
+    try:
+        parsed = OverridesParser.create(config_loader=hydra.config_loader).parse_overrides(params + task)
+        return [job for chunk in BasicSweeper.split_arguments(parsed, None) for job in chunk]
+    except (HydraException, ValueError) as exc:  # a sweep the basic sweeper cannot expand (an interval)
+        raise ConfigError(_one_line(exc)) from None
 
 
-def _job(cfg: DictConfig, number: int | None, overrides: list[str], run_dir_of) -> Job:
+def _job(cfg: DictConfig, number: int | None, overrides: list[str], run_dir_of: Callable[[], Path]) -> Job:
     """Resolve and validate one job's config."""
     from .cli import make_loggers
     from .runner import parse_step_count
@@ -135,7 +140,7 @@ def _job(cfg: DictConfig, number: int | None, overrides: list[str], run_dir_of) 
         settings = Settings.from_config(config)
         parse_step_count(settings.prune.rewind, 1)
         make_loggers(config.get("logger"), None)
-        run_dir = Path(str(run_dir_of))
+        run_dir = run_dir_of()
     except QpruneError as exc:
         raise ConfigError(f"{where}{exc}") from None
     except Exception as exc:  # noqa: BLE001 - an interpolation that does not resolve, a value of the wrong type
