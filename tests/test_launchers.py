@@ -104,13 +104,18 @@ def test_launcher_configs_extend_the_plugins():
 
 
 def test_a_failing_job_does_not_stop_the_sweep(data_root, cache_dir, tmp_path):
-    """Job 0 is refused (real4 needs RGB data); job 1 still runs, and the sweep files, written as
-    each job ends, hold it although Hydra stops with the failure at the end. (logger=csv: no W&B
-    files even where W&B would log.)"""
-    result = run_qprune(["-m", *TINY, "train.max_steps=5", "prune.levels=0", "algebra=real4,real3", "logger=csv"],
+    """A sweep with an invalid job is refused before anything runs. A job that fails while running
+    (job 0: its data is missing) does not stop the others: job 1 still runs, and the sweep files,
+    written as each job ends, hold it although Hydra stops with the failure at the end.
+    (logger=csv: no W&B files even where W&B would log.)"""
+    invalid = run_qprune(["-m", *TINY, "algebra=real4,real3"], data_root, cache_dir, tmp_path, check=False)
+    assert invalid.returncode == 2 and not (tmp_path / "outputs").exists()
+    assert invalid.stderr.startswith("qprune: error: job 0 (") and "algebra=real4 appends a grayscale channel to RGB" in invalid.stderr
+    result = run_qprune(["-m", *TINY, "train.max_steps=5", "prune.levels=0", "algebra=real3", "logger=csv",
+                         "data.download=false", f"data.root={tmp_path / 'missing'},{data_root}"],
                         data_root, cache_dir, tmp_path, check=False, WANDB_MODE="offline")
     assert result.returncode != 0
-    assert "qprune: error: algebra=real4 appends a grayscale channel to RGB" in result.stderr
+    assert "qprune: error: mnist not found under data.root=" in result.stderr
     sweep_dir = the_sweep(tmp_path)
     (job,) = sweep_dir.glob("*/levels.csv")
     assert job.parent.name.startswith("1-lenet_300_100-real3-")
