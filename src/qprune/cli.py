@@ -82,7 +82,7 @@ def _main(cfg: DictConfig) -> None:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             _log_to_file(f"qprune: error: {exc}")
             raise  # Hydra records the failed job, runs the others and reports it at the end
-        if not _remove_if_fresh(run_dir):
+        if isinstance(exc, RunDirectoryBusy) or not _remove_if_fresh(run_dir):
             _log_to_file(f"qprune: error: {exc}")
         sys.exit(2)
 
@@ -95,21 +95,30 @@ def _log_to_file(message: str) -> None:
 
 
 def _remove_if_fresh(run_dir: Path) -> bool:
-    """Remove what Hydra made for a run that never started (no run.json): ``.hydra/``, the log, empty folders.
+    """Remove what Hydra and the run lock made for a run that never started (no run.json): ``.hydra/``,
+    the log, ``run.lock``, then empty folders up to (not including) the working directory.
 
-    A command that fails before its run starts (missing data, say) then leaves nothing behind.
-    Empty parent folders go too, up to (not including) the working directory.
+    A command that fails before its run starts (missing data, say) then leaves nothing behind. The
+    folder is left alone while another process holds its lock (it may be starting the same run).
     """
     if (run_dir / "run.json").exists() or not run_dir.is_dir():
         return False
     import shutil
 
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.close()
-    shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
-    for log_file in run_dir.glob("*.log"):
-        log_file.unlink(missing_ok=True)
+    from .store import RunDirectory
+
+    try:
+        with RunDirectory(run_dir).lock():   # unlinked while held: no other process can hold this lock file
+            if (run_dir / "run.json").exists():
+                return False
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logging.FileHandler):
+                    handler.close()
+            shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+            for leftover in (*run_dir.glob("*.log"), run_dir / "run.lock"):
+                leftover.unlink(missing_ok=True)
+    except (OSError, QpruneError):   # busy (another process), or not writable
+        return False
     cwd = Path.cwd().resolve()
     folder = run_dir.resolve()
     while folder != cwd and not any(folder.iterdir()):
