@@ -229,3 +229,77 @@ def test_trials_of_phm_runs_match_separate_runs(data):
         params = dict(model.named_parameters())
         assert all((params[n][~m] == 0).all() for n, m in masks.items())
     assert not torch.equal(runs[0][0].hidden[0].rules, runs[1][0].hidden[0].rules)
+
+
+# ---------------------------------------------------------------------------------------------- runs and configs
+def compose_config(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from qprune.cli import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=False)
+
+
+def test_a_paper_run_of_phm_with_baselines_and_trials_accounts_for_the_rules(data_root, cache_dir, tmp_path):
+    """protocol=paper, both baselines and trials=2 (the engine's vmapped step) with PHM-4 on LeNet:
+    the rules (2 layers x 4³) are unprunable weights in levels.json and count in pct_of_real."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from qprune.reporting import read_levels_csv
+    from qprune.runner import LevelRunner
+    from qprune.settings import Settings
+
+    cfg = compose_config(["model=lenet_300_100", "algebra=phm", "algebra.n=4", "protocol=paper", "trials=2",
+                          "baselines=[random_reinit,random_prune]", "train.epochs=1", "train.max_steps=20",
+                          "prune.levels=1", "data.train_size=1200", "data.test_size=300", "progress=none",
+                          "logger=csv", f"data.root={data_root}", f"data.cache={cache_dir}"])
+    rows = LevelRunner(Settings.from_config(cfg), tmp_path, OmegaConf.to_container(cfg, resolve=True)).run()
+    assert [r["seed"] for r in rows] == [0, 0, 1, 1]
+    for k in range(2):
+        run_dir = tmp_path / f"trial_{k}"
+        meta = json.loads((run_dir / "levels.json").read_text())
+        assert (meta["unprunable_weights"], meta["prunable_total"], meta["biases"]) == (128, 66_300 + 1_000, 410)
+        assert meta["params_total"] == 67_838 and meta["config"]["algebra"]["n"] == 4
+        level1 = read_levels_csv(run_dir / "levels.csv")[1]
+        pruned = round(0.2 * 67_300)
+        assert level1["params_nonzero"] == 67_838 - pruned
+        assert level1["pct_of_real"] == pytest.approx(100 * (67_838 - pruned) / 266_610, abs=1e-3)
+        assert all(level1[c] > 20 for c in ("test_acc", "mask_test_acc", "random_reinit_acc", "random_prune_acc"))
+        masks = torch.load(run_dir / "levels/level_01/masks.pt", weights_only=True)
+        assert not any("rules" in name for name in masks)
+
+
+@pytest.mark.parametrize("experiment,model,tags", [
+    ("conv4_cifar10", "conv4", ["real3", "real4", "complex", "quat", "phm4", "phm4q"]),
+    ("lenet_300_100_mnist", "lenet_300_100", ["real3", "complex", "quat", "phm2", "phm4"]),
+])
+def test_hypercomplex_experiments_sweep_every_algebra(experiment, model, tags):
+    from hydra import compose, initialize_config_dir
+
+    from qprune.cli import config_dir
+    from qprune.settings import Settings
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment=hypercomplex/{experiment}"], return_hydra_config=True)
+        choices = cfg.hydra.sweeper.params.algebra.split(",")
+        settings = [Settings.from_config(compose("config", overrides=[f"experiment=hypercomplex/{experiment}",
+                                                                      f"algebra={a}"])) for a in choices]
+    assert [s.algebra.tag for s in settings] == tags
+    assert {s.model for s in settings} == {model}
+    assert all(Algebra.from_tag(s.algebra.tag) == s.algebra for s in settings)
+
+
+def test_phm_settings_from_the_command_line():
+    from qprune.settings import Settings, run_identity
+
+    s = Settings.from_config(compose_config(["model=conv4", "algebra=phm", "algebra.n=2"]))
+    assert (s.algebra.name, s.algebra.n, s.algebra.rules, s.algebra.components) == ("phm", 2, "random", 2)
+    identity = run_identity(compose_config(["model=conv4", "algebra=phm", "algebra.n=2"]))
+    assert identity["algebra.n"] == 2 and identity["algebra.rules"] == "random"
+    with pytest.raises(ConfigError, match="algebra.n applies to algebra=phm only"):
+        Settings.from_config(compose_config(["model=conv4", "algebra=quat", "algebra.n=4"]))
+    with pytest.raises(ConfigError, match="model.plan=64: a phm \\(n=3\\) layer"):
+        Settings.from_config(compose_config(["model=conv4", "algebra=phm", "algebra.n=3"]))

@@ -20,6 +20,7 @@ one (:mod:`qprune.hypercomplex`): the study has no scale of its own for them.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 from torch import Tensor, nn
@@ -94,6 +95,23 @@ class Algebra:
     def label(self) -> str:
         """The algebra in words for messages: ``quat``, ``phm (n=4)``."""
         return f"phm (n={self.n})" if self.name == "phm" else self.name
+
+    @property
+    def tag(self) -> str:
+        """A short name for run names and tables: ``real3``, ``complex``, ``quat``, ``phm4``, ``phm4q``
+        (PHM-4 with rules started as the quaternion algebra); :meth:`from_tag` reads it back."""
+        if self.name != "phm":
+            return self.name
+        return f"phm{self.n}{'q' if self.rules == 'quaternion' else ''}"
+
+    @classmethod
+    def from_tag(cls, tag: str, **options) -> "Algebra":
+        match = re.fullmatch(r"phm(\d+)(q?)", tag)
+        if match:
+            return cls("phm", n=int(match.group(1)), rules="quaternion" if match.group(2) else "random", **options)
+        if tag == "phm":
+            raise ConfigError("name a PHM algebra with its n: phm2, phm4, phm4q (quaternion rules)")
+        return cls(tag, **options)
 
     def input_channels(self, image_channels: int, flat: bool = False) -> int:
         """Channels the model sees for images with ``image_channels`` channels.
