@@ -25,7 +25,7 @@ import os
 import statistics
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from .algebra import Algebra
 from .errors import DataError, QpruneError
 from .reporting import EXTRA_CURVES, LEVEL_COLUMNS, pyplot, percent_of_real_axis, read_levels_csv, save_figure
 from .settings import flatten, run_identity
@@ -41,7 +42,10 @@ from .store import atomic_write_text
 log = logging.getLogger("qprune")
 
 RUN_KEYS = ("model.name", "algebra.name", "dataset.name")   # always columns of the tables
-ALGEBRA_ORDER = ("real3", "real4", "quat")
+ALGEBRA_ORDER = ("real3", "real4", "complex", "quat", "phm")
+# one colour per algebra in every figure (real3, real4 and quat keep the colours of the first figures)
+ALGEBRA_COLOURS = {"real3": "C0", "real4": "C1", "quat": "C2", "complex": "C3", "phm2": "C4", "phm3": "C5",
+                   "phm4": "C6", "phm4q": "C9"}
 ACCURACIES = ("test_acc", "best_val_acc", *EXTRA_CURVES)
 # drawn beside each curve in the ticket's colour (phase A's own accuracy would crowd a sweep's figure)
 BASELINE_STYLES = {k: v for k, v in EXTRA_CURVES.items() if k != "mask_test_acc"}
@@ -117,7 +121,10 @@ def curve_keys(runs: Sequence[SweepRun]) -> tuple[list[str], list[str]]:
 
 
 def _label(key: dict[str, Any], varying: Sequence[str]) -> str:
-    parts = [str(key[k]) if k.endswith(".name") else f"{k}={_compact(key[k])}" for k in varying]
+    """``quat``, ``conv4 quat``, ``prune.rate=0.1``; an algebra's own options without their prefix
+    (``phm n=4 rules=quaternion``) and keys that do not apply to a curve (null) left out."""
+    parts = [str(key[k]) if k.endswith(".name") else f"{k.removeprefix('algebra.')}={_compact(key[k])}"
+             for k in varying if key[k] is not None]
     return " ".join(parts) or str(key["algebra.name"])
 
 
@@ -174,15 +181,34 @@ def _mean_std(name: str, values: list) -> dict:
     return {f"{name}_mean": round(statistics.fmean(values), 4), f"{name}_std": None if std is None else round(std, 4)}
 
 
+def algebra_tag(config: dict) -> str:
+    """``real3``, ``quat``, ``phm4``, ``phm4q``: :attr:`qprune.algebra.Algebra.tag` of a run's config."""
+    algebra = config.get("algebra") or {}
+    known = {f.name for f in fields(Algebra)}
+    try:
+        return Algebra(**{k: v for k, v in algebra.items() if k in known}).tag
+    except QpruneError:   # a config this version cannot read: its name will do
+        return str(algebra.get("name"))
+
+
+def curve_colours(curves: Sequence[Curve]) -> list[str | None]:
+    """Each curve in its algebra's colour when the curves are one per algebra; else matplotlib's cycle."""
+    tags = [algebra_tag(c.runs[0].config) for c in curves]
+    if len(set(tags)) < len(tags) or not all(t in ALGEBRA_COLOURS for t in tags):
+        return [None] * len(curves)
+    return [ALGEBRA_COLOURS[t] for t in tags]
+
+
 def sweep_figure(curves: Sequence[Curve], title: str):
     """Mean test accuracy against mean % of real parameters per curve, with a ± std band."""
     fig, ax = pyplot().subplots(figsize=(7, 4.5), dpi=120)
     xs: list[float] = []
-    for curve in curves:
+    for curve, colour in zip(curves, curve_colours(curves)):
         x = [p["pct_of_real"] for p in curve.points]
         mean = [p["test_acc_mean"] for p in curve.points]
         seeds = len(curve.runs)
-        (line,) = ax.plot(x, mean, marker="o", markersize=3, label=f"{curve.label} ({seeds} run{'s' * (seeds > 1)})")
+        (line,) = ax.plot(x, mean, marker="o", markersize=3, color=colour,
+                          label=f"{curve.label} ({seeds} run{'s' * (seeds > 1)})")
         band = [(xi, m, p["test_acc_std"]) for xi, m, p in zip(x, mean, curve.points) if p["test_acc_std"] is not None]
         if band:
             bx, bm, bs = zip(*band)
