@@ -211,15 +211,17 @@ def test_engine_step_equals_the_eager_loop(data, algebra):
     assert [e.test_acc for e in fast.epochs] == [e.test_acc for e in eager.epochs]
 
 
-def test_trials_of_phm_runs_match_separate_runs(data):
-    """K PHM runs in one vmapped step, rules stacked per run: each equals the single run of its seed."""
+@pytest.mark.parametrize("algebra", [COMPLEX, PHM2], ids=["complex", "phm2"])
+def test_trials_match_separate_runs(data, algebra):
+    """K runs in one vmapped step (PHM: rules stacked per run; complex: its fixed rules shared): each
+    equals the single run of its seed."""
     from qprune.engine import Engine
 
     settings = TrainSettings(lr=1e-3, epochs=1)
-    runs = [pruned_model(PHM2, seed, rate=0.3 + 0.1 * seed) for seed in range(2)]
+    runs = [pruned_model(algebra, seed, rate=0.3 + 0.1 * seed) for seed in range(2)]
     separate = [copy.deepcopy(model) for model, _, _ in runs]
     engine = Engine([m for m, _, _ in runs], data, settings, runs[0][2])
-    assert engine.params["hidden.0.rules"].shape == (2, 2, 2, 2)
+    assert ("hidden.0.rules" in engine.params) == (algebra.name == "phm")
     together = engine.train_level([m for _, m, _ in runs], [torch.Generator().manual_seed(10 + k) for k in range(2)])
     for k, ((model, masks, _), alone) in enumerate(zip(runs, separate)):
         result = train_level(alone, data, masks, settings, torch.Generator().manual_seed(10 + k))
@@ -228,7 +230,7 @@ def test_trials_of_phm_runs_match_separate_runs(data):
         assert together[k].test_acc == pytest.approx(result.test_acc, abs=0.34)  # at most one of 300 images
         params = dict(model.named_parameters())
         assert all((params[n][~m] == 0).all() for n, m in masks.items())
-    assert not torch.equal(runs[0][0].hidden[0].rules, runs[1][0].hidden[0].rules)
+    assert not torch.equal(runs[0][0].hidden[0].weight, runs[1][0].hidden[0].weight)
 
 
 # ---------------------------------------------------------------------------------------------- runs and configs
@@ -270,6 +272,26 @@ def test_a_paper_run_of_phm_with_baselines_and_trials_accounts_for_the_rules(dat
         assert all(level1[c] > 20 for c in ("test_acc", "mask_test_acc", "random_reinit_acc", "random_prune_acc"))
         masks = torch.load(run_dir / "levels/level_01/masks.pt", weights_only=True)
         assert not any("rules" in name for name in masks)
+
+
+def test_an_lth_run_of_complex_prunes_whole_numbers(data_root, cache_dir, tmp_path):
+    """protocol=lth with prune.unit=quaternion on a complex LeNet: masks keep both parts of a number together."""
+    from omegaconf import OmegaConf
+
+    from qprune.runner import LevelRunner
+    from qprune.settings import Settings
+    from qprune.store import RunDirectory
+
+    cfg = compose_config(["model=lenet_300_100", "algebra=complex", "prune.unit=quaternion", "prune.rewind=5it",
+                          "train.epochs=1", "train.max_steps=10", "prune.levels=2", "data.train_size=600",
+                          "data.test_size=300", "progress=none", "logger=csv", f"data.root={data_root}",
+                          f"data.cache={cache_dir}"])
+    rows = LevelRunner(Settings.from_config(cfg), tmp_path, OmegaConf.to_container(cfg, resolve=True)).run()
+    assert [r["prunable_remaining"] for r in rows] == pytest.approx([1.0, 0.8, 0.64], abs=1e-3)
+    assert rows[0]["params_total"] == 134_010 and rows[0]["pct_of_real"] == pytest.approx(100 * 134_010 / 266_610, abs=1e-3)
+    masks = RunDirectory(tmp_path).load_masks(2)
+    assert masks["hidden.0.weight"].shape == (2, 150, 392)
+    assert all(torch.equal(m[0], m[1]) for name, m in masks.items() if name.startswith("hidden"))
 
 
 @pytest.mark.parametrize("experiment,model,tags", [
