@@ -92,13 +92,30 @@ def test_phm_with_quaternion_rules_is_the_quaternion_conv_exactly(groups):
     assert torch.equal(phm(x), quat(x))
 
 
-def test_phm_with_quaternion_rules_starts_with_the_quaternion_layers_weights():
-    """Same seed, same draws: PHM-4 with quaternion rules *is* the quaternion layer at initialisation."""
+@pytest.mark.parametrize("init", ["he", "study"])
+def test_phm_with_quaternion_rules_starts_with_the_quaternion_layers_weights(init):
+    """Same seed, same draws, same scale: PHM-4 with quaternion rules *is* the quaternion layer at initialisation."""
     torch.manual_seed(6)
-    quat = QConv2d(8, 12, 3)
+    quat = QConv2d(8, 12, 3, init=init)
     torch.manual_seed(6)
-    phm = HypercomplexConv2d(8, 12, 3, 4, "quaternion")
+    phm = HypercomplexConv2d(8, 12, 3, 4, "quaternion", init=init)
     assert torch.equal(phm.weight, quat.weight) and torch.equal(phm.rules, quaternion_rules())
+    torch.manual_seed(7)
+    quat_linear = QLinear(16, 8, init=init)
+    torch.manual_seed(7)
+    assert torch.equal(HypercomplexLinear(16, 8, 4, "quaternion", init=init).weight, quat_linear.weight)
+
+
+def test_a_phm4_model_with_quaternion_rules_is_the_quaternion_model():
+    from qprune import build_model
+
+    x = torch.randn(2, 4, 32, 32)
+    for name in ("conv4", "resnet20"):
+        torch.manual_seed(12)
+        quat = build_model(name, "quat").eval()
+        torch.manual_seed(12)
+        phm = build_model(name, "phm", n=4, rules="quaternion").eval()
+        assert torch.equal(phm(x), quat(x)), name
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
