@@ -97,7 +97,7 @@ def test_input_layouts():
     (lambda: Algebra("phm", n=4, rules="octonion"), "algebra.rules must be one of random, quaternion"),
     (lambda: Algebra("quat", n=4), "algebra.n applies to algebra=phm only"),
     (lambda: Algebra("complex", rules="random"), "algebra.rules applies to algebra=phm only"),
-    (lambda: build_model("conv4", "phm", n=3), r"model.plan=64: a phm \(n=3\) layer's real width must be divisible by 3"),
+    (lambda: build_model("conv4", "phm", n=3), r"model.plan=64: a phm \(n=3\) layer's width must be divisible by 3"),
     (lambda: build_model("conv4", "complex", hidden=(256, 255)), "model.hidden=255"),
     (lambda: build_model("lenet_300_100", "phm", n=3), "the flattened image has 784 values"),
     (lambda: build_model("conv4", "phm", n=5, plan=(60, "M"), hidden=(60,)), "no input layout for RGB images"),

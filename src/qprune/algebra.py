@@ -143,7 +143,7 @@ class Algebra:
         n = self.components
         if width % n:
             kind = "quaternion" if self.quaternion else self.label
-            raise ConfigError(f"{what}={width}: a {kind} layer's real width must be divisible by {n}; "
+            raise ConfigError(f"{what}={width}: a {kind} layer's width must be divisible by {n}; "
                               f"make {what}'s widths multiples of {n}")
 
     def check_flat_input(self, features: int) -> None:
