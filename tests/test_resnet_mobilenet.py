@@ -66,7 +66,7 @@ def test_trains_prunes_and_rewinds(cifar_crops, name, algebra):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("algebra", ["quat-norm", "quat-whiten"])
+@pytest.mark.parametrize("algebra", ["quat-norm", "quat-whiten", "complex", "phm4-whiten"])
 def test_a_quaternion_resnet_step_has_no_host_syncs(algebra):
     import torch.nn.functional as F
 
