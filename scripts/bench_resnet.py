@@ -6,7 +6,7 @@
 A step is what the training loop does: forward, cross-entropy, backward, the gradient masks (one
 foreach multiply) and the optimizer step (SGD with momentum and weight decay, as the ResNet recipe,
 or Adam). The input is a batch as ``DeviceData.model_input`` gives it (normalised; 4 channels for
-real4/quat). Warm-up steps are excluded; the time is the median of ``--repeats`` steps, each timed
+real4/quat/complex/phm4). Warm-up steps are excluded; the time is the median of ``--repeats`` steps, each timed
 with CUDA events (GPU) or ``perf_counter`` (CPU), the variants taking turns step by step (a drift
 of a shared machine hits them alike). fp32 means TF32 off for matmuls and cuDNN convs (``--tf32``
 turns it on). Prints a markdown table with each variant's ratio to real3.
@@ -34,6 +34,8 @@ VARIANTS = {
     "real4": Algebra("real4"),
     "quat (qbn=norm)": Algebra("quat", qbn="norm"),
     "quat (qbn=whiten)": Algebra("quat", qbn="whiten"),
+    "complex (qbn=norm)": Algebra("complex"),
+    "phm4 (qbn=norm)": Algebra("phm", n=4),
 }
 
 

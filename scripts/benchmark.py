@@ -3,6 +3,7 @@
     python scripts/benchmark.py                    # LeNet-300-100/MNIST and Conv-4/CIFAR-10, real3 and quat
     python scripts/benchmark.py --quick            # the same sweep with fewer steps and one repeat (~2 min on a GPU)
     python scripts/benchmark.py --models lenet_300_100,conv2,conv4,conv6 --algebras real3,real4,quat --out table.md
+    python scripts/benchmark.py --models conv4 --algebras real3,complex,quat,phm2,phm4,phm4q   # step time per algebra
 
 For each model x algebra, in one process (batch 60, Adam, a dense level: all-ones masks):
 
@@ -173,7 +174,7 @@ def sync(device: torch.device) -> None:
 
 def fresh_model(model: str, algebra: str, data, device: torch.device, seed: int = 0):
     torch.manual_seed(seed)
-    net = build_model(model, algebra, data.num_classes, data.image_shape).to(device)
+    net = build_model(model, Algebra.from_tag(algebra), data.num_classes, data.image_shape).to(device)
     weights = prunable_weights(net)
     return net, Masks.ones(net, weights), [w.name for w in weights]
 
@@ -347,8 +348,8 @@ def benchmark_model(args, model: str, device: torch.device, results: Results) ->
     raw = load_raw(dataset.name, args.data_root, args.cache, download=False)
     for algebra in args.algebras:
         try:
-            add_gray = Algebra(algebra).adds_gray
-            Algebra(algebra).input_channels(dataset.channels, flat=model.startswith("lenet"))
+            add_gray = Algebra.from_tag(algebra).adds_gray
+            Algebra.from_tag(algebra).input_channels(dataset.channels, flat=model.startswith("lenet"))
         except ValueError as exc:
             log(f"[{model}/{algebra}] skipped: {exc}")
             continue
@@ -449,7 +450,8 @@ def main(argv=None) -> None:
     parser.add_argument("--data-root", default=os.environ.get("QPRUNE_DATA", str(REPO.parent / "shared" / "data")))
     parser.add_argument("--cache", default=os.environ.get("QPRUNE_CACHE", "~/.cache/qprune"), help="decoded-image cache (CIFAR JPEGs)")
     parser.add_argument("--models", default="lenet_300_100,conv4")
-    parser.add_argument("--algebras", default="real3,quat")
+    parser.add_argument("--algebras", default="real3,quat",
+                        help="real3, real4, complex, quat, phm<n> (PHM, random rules), phm4q (PHM-4, quaternion rules)")
     parser.add_argument("--modes", default="original,passes,eager,graph,trials")
     parser.add_argument("--precisions", default=None, help="default: fp32,tf32,bf16 on CUDA (--quick: tf32,bf16); fp32 on the CPU")
     parser.add_argument("--trials", type=int, default=10, help="runs per batched step in the trials mode")

@@ -192,3 +192,21 @@ def test_runs_found_twice_are_counted_once_with_one_line(two_models, tmp_path, c
     assert len(summary.runs) == 12
     (line,) = [r.getMessage() for r in caplog.records]
     assert line.startswith("12 run(s) found twice")
+
+
+def test_curves_of_the_hypercomplex_algebras_are_named_and_coloured_by_algebra(tmp_path):
+    """One curve per algebra: labelled without the null keys of the others, each in its algebra's colour."""
+    from qprune.aggregate import ALGEBRA_COLOURS
+
+    PARAMS.update({("lenet_300_100", "complex"): 134_010, ("lenet_300_100", "phm2"): 134_026,
+                   ("lenet_300_100", "phm"): 67_838, ("lenet_300_100", "phm_quaternion"): 67_838})
+    for job, algebra in enumerate(["real3", "complex", "quat", "phm2", "phm", "phm_quaternion"]):
+        write_run(tmp_path / f"{job}-{algebra}", "lenet_300_100", algebra, 0, [97.0 + job / 10, 96.0])
+    summary = aggregate([tmp_path], tmp_path)
+    labels = [c.label for c in summary.curves]
+    assert labels == ["real3", "complex", "quat", "phm n=2 rules=random", "phm n=4 rules=quaternion", "phm n=4 rules=random"]
+    lines = sweep_figure(summary.curves, "t").axes[0].lines
+    colours = [ALGEBRA_COLOURS[t] for t in ("real3", "complex", "quat", "phm2", "phm4q", "phm4")]
+    import matplotlib.colors as mcolors
+
+    assert [mcolors.to_hex(line.get_color()) for line in lines] == [mcolors.to_hex(c) for c in colours]

@@ -13,8 +13,8 @@ def test_bench_resnet_prints_a_table_of_step_times():
                          capture_output=True, text=True, timeout=300, check=True).stdout
     rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ") and "variant" not in line and "---" not in line]
     table = {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
-    assert list(table) == ["real3", "real4", "quat (qbn=norm)", "quat (qbn=whiten)"]
-    assert [table[v][0] for v in table] == ["272,474", "272,618", "69,230", "72,170"]
+    assert list(table) == ["real3", "real4", "quat (qbn=norm)", "quat (qbn=whiten)", "complex (qbn=norm)", "phm4 (qbn=norm)"]
+    assert [table[v][0] for v in table] == ["272,474", "272,618", "69,230", "72,170", "137,026", "70,574"]
     assert table["real3"][3] == "1.00"
     for params, median, best, ratio in table.values():
         assert float(best) <= float(median) and float(median) > 0 and float(ratio) > 0

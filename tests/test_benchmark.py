@@ -47,3 +47,12 @@ def test_a_tiny_sweep_times_every_loop(benchmark, data_root, tmp_path):
     passes = next(line for line in out.read_text().splitlines() if line.startswith("| lenet_300_100 | quat | ") and
                   line.count("|") == 9)
     assert 0.06 < float(passes.split("|")[6]) < 0.08
+
+
+def test_step_time_per_hypercomplex_algebra(benchmark, data_root, tmp_path):
+    out = tmp_path / "table.md"
+    benchmark.main(["--device", "cpu", "--models", "lenet_300_100", "--algebras", "complex,phm2,phm4q", "--modes", "eager",
+                    "--steps", "3", "--repeats", "1", "--data-root", str(data_root), "--out", str(out)])
+    rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| lenet_300_100 |")]
+    eager = {cells[2].strip(): float(cells[6].replace(",", "")) for cells in rows if cells[3].strip() == "eager"}
+    assert set(eager) == {"complex", "phm2", "phm4q"} and all(ms > 0 for ms in eager.values())

@@ -13,6 +13,7 @@ import torch
 
 import graph_stand_in
 from qprune import build_model
+from qprune.algebra import Algebra
 from qprune.data import device_data
 from qprune.engine import Engine, resolve_engine
 from qprune.errors import ConfigError
@@ -183,14 +184,15 @@ def test_engine_choice():
         TrainSettings(precision="fp16")
 
 
-def test_graph_orchestration_with_stand_in_graphs(data, monkeypatch):
+@pytest.mark.parametrize("algebra", ["quat", pytest.param(Algebra("phm", n=4), id="phm4")])
+def test_graph_orchestration_with_stand_in_graphs(data, monkeypatch, algebra):
     """The graph path's bookkeeping, on the CPU: warm-up undone, one graph per batch shape, reuse across levels.
 
     (The captured kernels themselves are checked on a GPU by tests/test_engine_gpu.py.)
     """
     stand_in = graph_stand_in.install(monkeypatch)
     settings = TrainSettings(lr=1e-3, epochs=2)
-    model, masks, names = pruned_model("quat", 5)
+    model, masks, names = pruned_model(algebra, 5)
     init = copy.deepcopy(model.state_dict())
     reference = copy.deepcopy(model)
     engine = Engine([model], data, settings, names, graph=True)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from qprune import build_model
+from qprune.algebra import Algebra
 from qprune.data import RawSplits, device_data
 from qprune.engine import Engine
 from qprune.pruning import Masks, PruneSettings, prunable_weights, prune
@@ -70,6 +71,7 @@ def generator(seed):
 
 @pytest.mark.parametrize("name,algebra,optimizer", [
     ("lenet_300_100", "quat", "adam"), ("lenet_300_100", "real3", "sgd"), ("conv2", "quat", "adam"), ("conv2", "real4", "adam"),
+    ("conv2", "complex", "adam"), pytest.param("lenet_300_100", Algebra("phm", n=4), "sgd", id="lenet_300_100-phm4-sgd"),
 ])
 def test_graph_step_equals_eager_on_cuda(mnist_gpu, rgb_gpu, name, algebra, optimizer):
     data = mnist_gpu if name == "lenet_300_100" else rgb_gpu

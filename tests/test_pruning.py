@@ -69,7 +69,7 @@ def test_quaternion_unit_prunes_whole_quaternions():
     weights, history = _rounds(model, PruneSettings(rate=0.2, unit="quaternion"), 2)
     for w in weights:
         mask = history[2][w.name]
-        if w.quaternion:
+        if w.hypercomplex:
             assert (mask == mask[0:1]).all(), "the four components of a quaternion are kept or pruned together"
     assert abs(history[2].remaining_fraction() - 0.64) < 1e-3
 

@@ -11,7 +11,8 @@ from qprune.training import TrainSettings, train_level
 
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 ALGEBRAS = {"real3": Algebra("real3"), "real4": Algebra("real4"), "quat-norm": Algebra("quat"),
-            "quat-whiten": Algebra("quat", qbn="whiten")}
+            "quat-whiten": Algebra("quat", qbn="whiten"), "complex": Algebra("complex"),
+            "phm4-whiten": Algebra("phm", qbn="whiten", n=4)}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_trains_prunes_and_rewinds(cifar_crops, name, algebra):
     losses = [e.train_loss for e in training.epochs]
     assert training.steps == 3 and losses[-1] < losses[0], losses
     norms = [m for m in model.modules() if isinstance(m, NORM_LAYERS)]
-    assert norms and all(isinstance(m, torch.nn.BatchNorm2d) != algebra.quaternion for m in norms)
+    assert norms and all(isinstance(m, torch.nn.BatchNorm2d) != algebra.hypercomplex for m in norms)
     running = [k for k in init if "running_" in k]
     assert running and all(not torch.equal(model.state_dict()[k], init[k]) for k in running), "running statistics move"
 
@@ -65,7 +66,7 @@ def test_trains_prunes_and_rewinds(cifar_crops, name, algebra):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("algebra", ["quat-norm", "quat-whiten"])
+@pytest.mark.parametrize("algebra", ["quat-norm", "quat-whiten", "complex", "phm4-whiten"])
 def test_a_quaternion_resnet_step_has_no_host_syncs(algebra):
     import torch.nn.functional as F
 

@@ -25,7 +25,7 @@ import os
 import statistics
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from .algebra import Algebra
 from .errors import DataError, QpruneError
 from .reporting import EXTRA_CURVES, LEVEL_COLUMNS, pyplot, percent_of_real_axis, read_levels_csv, save_figure
 from .settings import flatten, run_identity
@@ -41,7 +42,10 @@ from .store import atomic_write_text
 log = logging.getLogger("qprune")
 
 RUN_KEYS = ("model.name", "algebra.name", "dataset.name")   # always columns of the tables
-ALGEBRA_ORDER = ("real3", "real4", "quat")
+ALGEBRA_ORDER = ("real3", "real4", "complex", "quat", "phm")
+# one colour per algebra in every figure (real3, real4 and quat keep the colours of the first figures)
+ALGEBRA_COLOURS = {"real3": "C0", "real4": "C1", "quat": "C2", "complex": "C3", "phm2": "C4", "phm3": "C5",
+                   "phm4": "C6", "phm4q": "C9"}
 ACCURACIES = ("test_acc", "best_val_acc", *EXTRA_CURVES)
 # drawn beside each curve in the ticket's colour (phase A's own accuracy would crowd a sweep's figure)
 BASELINE_STYLES = {k: v for k, v in EXTRA_CURVES.items() if k != "mask_test_acc"}
@@ -123,7 +127,10 @@ def curve_keys(runs: Sequence[SweepRun]) -> tuple[list[str], list[str]]:
 
 
 def _label(key: dict[str, Any], varying: Sequence[str]) -> str:
-    parts = [str(key[k]) if k.endswith(".name") else f"{k}={_compact(key[k])}" for k in varying]
+    """``quat``, ``conv4 quat``, ``prune.rate=0.1``; an algebra's own options without their prefix
+    (``phm n=4 rules=quaternion``) and keys that do not apply to a curve (null) left out."""
+    parts = [str(key[k]) if k.endswith(".name") else f"{k.removeprefix('algebra.')}={_compact(key[k])}"
+             for k in varying if key[k] is not None]
     return " ".join(parts) or str(key["algebra.name"])
 
 
@@ -180,15 +187,24 @@ def _mean_std(name: str, values: list) -> dict:
     return {f"{name}_mean": round(statistics.fmean(values), 4), f"{name}_std": None if std is None else round(std, 4)}
 
 
-# The algebras' colours, the same in every figure; other algebras take the next free colour.
-ALGEBRA_COLOURS = {"real3": "tab:blue", "real4": "tab:orange", "quat": "tab:green"}
-SPARE_COLOURS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+SPARE_COLOURS = ("C7", "C8", "black")  # algebras without a colour of their own
 # the other swept values (rate, model options, ...): line style and marker
 LINE_STYLES = (("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ((0, (5, 1, 1, 1)), "v"), ((0, (1, 3)), "P"))
 ERROR_BARS_UP_TO = 3   # runs per point: with this few, error bars read better than overlapping bands
 
 
+def algebra_tag(config: dict) -> str:
+    """``real3``, ``quat``, ``phm4``, ``phm4q``: :attr:`qprune.algebra.Algebra.tag` of a run's config."""
+    algebra = config.get("algebra") or {}
+    known = {f.name for f in fields(Algebra)}
+    try:
+        return Algebra(**{k: v for k, v in algebra.items() if k in known}).tag
+    except QpruneError:   # a config this version cannot read: its name will do
+        return str(algebra.get("name"))
+
+
 def algebra_colours(algebras) -> dict[str, str]:
+    """Each algebra tag (:func:`algebra_tag`) its colour, the same in every figure; others the next spare one."""
     spare = iter(SPARE_COLOURS)
     return {a: ALGEBRA_COLOURS.get(a) or next(spare, "black") for a in dict.fromkeys(algebras)}
 
@@ -245,7 +261,7 @@ def sweep_figure(curves: Sequence[Curve], title: str | None = None):
     cols = min(len(groups), 2)
     rows = math.ceil(len(groups) / cols)
     fig, axes = pyplot().subplots(rows, cols, figsize=(6.6 * cols, 4.6 * rows), dpi=120, squeeze=False)
-    colours = algebra_colours(c.key["algebra.name"] for c in curves)
+    colours = algebra_colours(algebra_tag(c.runs[0].config) for c in curves)
     for ax, (name, panel) in zip(axes.flat, groups):
         _draw_panel(ax, panel, colours)
         ax.set_title(name, fontsize=11)
@@ -266,7 +282,7 @@ def _draw_panel(ax, curves: Sequence[Curve], colours: dict[str, str]) -> None:
     few = max(p["runs"] for c in curves for p in c.points) <= ERROR_BARS_UP_TO
     xs: list[float] = []
     for i, curve in enumerate(curves):
-        colour = colours[curve.key["algebra.name"]]
+        colour = colours[algebra_tag(curve.runs[0].config)]
         style, marker = LINE_STYLES[others.index(json.dumps([curve.key.get(k) for k in keys[1:]], default=str)) % len(LINE_STYLES)]
         x = [p["pct_of_real"] for p in curve.points]
         mean = [p["test_acc_mean"] for p in curve.points]

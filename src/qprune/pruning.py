@@ -1,12 +1,14 @@
 """Magnitude pruning: which weights are prunable, masks, and one pruning round.
 
-Prunable are the weights of conv and linear layers (real or quaternion); biases and norm
-layers never are, nor a layer a model marks with ``prunable = False`` (ResNet shortcuts with
-``model.prune_shortcuts=false``, whatever the algebra). Each prunable weight has a layer type — ``conv``, ``fc`` or ``output`` (the
-real classifier head) — so that rates can differ per type as in the lottery-ticket paper.
-A round removes ``rate`` of the *remaining* weights, ranked globally (all weights that share a
-rate in one pool) or per layer. Quaternion weights are ranked per component (r, i, j, k each on
-its own, as the original study did) or per whole quaternion (|q|, four parameters together).
+Prunable are the weights of conv and linear layers (real, quaternion, complex or PHM); biases,
+norm layers and PHM's learned rules Aᵢ never are, nor a layer a model marks with ``prunable = False``
+(ResNet shortcuts with ``model.prune_shortcuts=false``, whatever the algebra). Each prunable weight
+has a layer type — ``conv``, ``fc`` or ``output`` (the real classifier head) — so that rates can
+differ per type as in the lottery-ticket paper. A round removes ``rate`` of the *remaining* weights,
+ranked globally (all weights that share a rate in one pool) or per layer. Hypercomplex weights are
+ranked per component (r, i, j, k each on its own, as the original study did for quaternions) or
+per whole number (``prune.unit=quaternion``: |q| of a quaternion, of a complex number or of a PHM
+weight's n components Sᵢ[m, k] together).
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
+from .hypercomplex import HypercomplexConv2d, HypercomplexLinear
 from .quaternion import QConv2d, QLinear
 
 LAYER_TYPES = ("conv", "fc", "output")
 SCOPES = ("global", "layerwise")
-UNITS = ("component", "quaternion")
+UNITS = ("component", "quaternion")   # quaternion: whole numbers of any hypercomplex algebra
+CONV_LAYERS = (nn.Conv2d, QConv2d, HypercomplexConv2d)
+LINEAR_LAYERS = (nn.Linear, QLinear, HypercomplexLinear)
+HYPERCOMPLEX_LAYERS = (QConv2d, QLinear, HypercomplexConv2d, HypercomplexLinear)   # weight (n, out, in, *k)
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,7 @@ class PruneSettings:
     scope: str = "global"                 # global | layerwise
     layer_rates: Mapping[str, float | None] = field(default_factory=dict)  # per layer type overrides
     prune_output: bool = True             # whether the output layer is prunable
-    unit: str = "component"               # component | quaternion
+    unit: str = "component"               # component | quaternion (whole hypercomplex numbers)
     rewind: str = "init"                  # init, or a point of level 0's training: "500it", "2ep"
 
     def __post_init__(self):
@@ -57,7 +63,7 @@ class PruneSettings:
 class PrunableWeight:
     name: str            # its key in the model's state_dict
     layer_type: str      # conv | fc | output
-    quaternion: bool     # stored as (4, out, in, *k) components
+    hypercomplex: bool   # stored as (n, out, in, *k) components (quaternion, complex, PHM)
 
 
 def prunable_weights(model: nn.Module, include_output: bool = True) -> list[PrunableWeight]:
@@ -73,10 +79,10 @@ def prunable_weights(model: nn.Module, include_output: bool = True) -> list[Prun
         if module is output:
             if include_output:
                 found.append(PrunableWeight(f"{name}.weight", "output", False))
-        elif isinstance(module, (nn.Conv2d, QConv2d)):
-            found.append(PrunableWeight(f"{name}.weight", "conv", isinstance(module, QConv2d)))
-        elif isinstance(module, (nn.Linear, QLinear)):
-            found.append(PrunableWeight(f"{name}.weight", "fc", isinstance(module, QLinear)))
+        elif isinstance(module, CONV_LAYERS):
+            found.append(PrunableWeight(f"{name}.weight", "conv", isinstance(module, HYPERCOMPLEX_LAYERS)))
+        elif isinstance(module, LINEAR_LAYERS):
+            found.append(PrunableWeight(f"{name}.weight", "fc", isinstance(module, HYPERCOMPLEX_LAYERS)))
     return found
 
 
@@ -124,14 +130,16 @@ class Masks(dict):
         return {k: v.cpu() for k, v in self.items()}
 
 
-def _unit_scores(weight: Tensor, mask: Tensor, quaternion_units: bool) -> tuple[Tensor, Tensor, int]:
+def _unit_scores(weight: Tensor, mask: Tensor, whole_numbers: bool) -> tuple[Tensor, Tensor, int]:
     """(scores, alive) per pruning unit, and the unit's size in parameters.
 
-    A whole quaternion scores |q|/2, the root mean square of its components, so that it ranks
-    on the same scale as single real weights when both share a global pool.
+    A whole number of n components scores |q|/sqrt(n) (a quaternion |q|/2), the root mean square
+    of its components, so that it ranks on the same scale as single real weights when both share
+    a global pool.
     """
-    if quaternion_units:
-        return weight.norm(dim=0).flatten() / 2, mask.all(dim=0).flatten(), 4
+    if whole_numbers:
+        n = weight.shape[0]
+        return weight.norm(dim=0).flatten() / n**0.5, mask.all(dim=0).flatten(), n
     return weight.abs().flatten(), mask.flatten(), 1
 
 
@@ -150,11 +158,10 @@ def prune(model: nn.Module, masks: Masks, weights: list[PrunableWeight], setting
     return new
 
 
-def _prune_pool(params, masks: Masks, pool: list[PrunableWeight], rate: float, quaternion_units: bool) -> dict[str, Tensor]:
+def _prune_pool(params, masks: Masks, pool: list[PrunableWeight], rate: float, whole_numbers: bool) -> dict[str, Tensor]:
     scores, alive, sizes, spans = [], [], [], []
     for w in pool:
-        per_quaternion = quaternion_units and w.quaternion
-        s, a, size = _unit_scores(params[w.name].float(), masks[w.name], per_quaternion)
+        s, a, size = _unit_scores(params[w.name].float(), masks[w.name], whole_numbers and w.hypercomplex)
         scores.append(s)
         alive.append(a)
         sizes.append(torch.full_like(s, size))
@@ -173,7 +180,7 @@ def _prune_pool(params, masks: Masks, pool: list[PrunableWeight], rate: float, q
     result = {}
     for w, unit_keep in zip(pool, keep.split(spans)):
         shape = params[w.name].shape
-        if quaternion_units and w.quaternion:
+        if whole_numbers and w.hypercomplex:
             result[w.name] = unit_keep.view(shape[1:]).expand(shape).clone()
         else:
             result[w.name] = unit_keep.view(shape)

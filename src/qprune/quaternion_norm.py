@@ -25,6 +25,11 @@ batch and the image (M = N·H·W samples of a 4-vector q):
 Both keep running statistics (momentum, like ``nn.BatchNorm2d``; unbiased variance/covariance)
 that eval mode uses instead of the batch's.
 
+The same two modes serve every hypercomplex algebra (``components`` = n: 2 for complex numbers,
+n for PHM): n means, one variance of the n-vector and a shared scale (``norm``), or n×n whitening
+with an n×n scale (``whiten``), per number channel. With n = 4 and PHM's quaternion rules this is
+exactly the quaternion network's batch norm, so PHM-4 starts as the quaternion network.
+
 What a rotation of the inputs does (β = 0). Left and right multiplication of q by unit
 quaternions u, v are orthogonal maps of R⁴, and so is the 3-d rotation q ↦ u q ū.
 
@@ -39,6 +44,8 @@ quaternions u, v are orthogonal maps of R⁴, and so is the 3-d rotation q ↦ u
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -70,29 +77,32 @@ class _Centre(torch.autograd.Function):
 
 
 class QBatchNorm2d(nn.Module):
-    """Quaternion batch norm over ``num_features`` real channels (C = num_features / 4 quaternions)."""
+    """Quaternion batch norm over ``num_features`` real channels (C = num_features / 4 quaternions);
+    ``components=n`` normalises numbers of n components instead (C = num_features / n)."""
 
-    def __init__(self, num_features: int, mode: str = "norm", eps: float = 1e-5, momentum: float = 0.1):
+    def __init__(self, num_features: int, mode: str = "norm", eps: float = 1e-5, momentum: float = 0.1,
+                 components: int = 4):
         super().__init__()
-        if num_features % 4:
-            raise ValueError(f"QBatchNorm2d needs a real width divisible by 4, got {num_features}")
+        k = self.components = components
+        if k < 2 or num_features % k:
+            raise ValueError(f"QBatchNorm2d needs a real width divisible by {k} (components >= 2), got {num_features}")
         if mode not in QBN_MODES:
             raise ValueError(f"QBatchNorm2d mode must be one of {', '.join(QBN_MODES)}, got {mode!r}")
         if not 0 < momentum <= 1:
             raise ValueError(f"QBatchNorm2d momentum must be in (0, 1], got {momentum}")
-        self.num_features, self.quaternions = num_features, num_features // 4
+        self.num_features, self.quaternions = num_features, num_features // k   # number channels
         self.mode, self.eps, self.momentum = mode, eps, momentum
         c = self.quaternions
         self.bias = nn.Parameter(torch.zeros(num_features))              # β, component-major like the channels
         self.register_buffer("running_mean", torch.zeros(num_features))
         if mode == "norm":
             self.weight = nn.Parameter(torch.ones(c))                     # γ, one per quaternion channel
-            self.register_buffer("running_var", torch.ones(c))           # E|q - μ|²/4, the mean component variance
+            self.register_buffer("running_var", torch.ones(c))           # E|q - μ|²/k, the mean component variance
             # the pooled view's mean, which torch's batch norm tracks too: 0 by construction, not kept
             self.register_buffer("_pooled_mean", torch.zeros(c), persistent=False)
         else:
-            self.weight = nn.Parameter(torch.eye(4).repeat(c, 1, 1))      # Γ, a 4x4 matrix per channel
-            self.register_buffer("running_cov", torch.eye(4).repeat(c, 1, 1))
+            self.weight = nn.Parameter(torch.eye(k).repeat(c, 1, 1))      # Γ, a kxk matrix per channel
+            self.register_buffer("running_cov", torch.eye(k).repeat(c, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.num_features:
@@ -101,42 +111,43 @@ class QBatchNorm2d(nn.Module):
 
     def _norm(self, x: Tensor) -> Tensor:
         n, _, h, w = x.shape
-        c = self.quaternions
-        # With the four components of a channel pooled as 4N samples of one channel, their pooled
-        # variance is v/4, so scale γ/2 and eps/4 give γ(q - μ)/sqrt(v + eps).
-        half_weight = self.weight * 0.5
+        c, k = self.quaternions, self.components
+        # With the k (4) components of a channel pooled as kN samples of one channel, their pooled
+        # variance is v/k, so scale γ/sqrt(k) and eps/k give γ(q - μ)/sqrt(v + eps).
+        half_weight = self.weight * (1.0 / math.sqrt(k))
         if not self.training:  # one fused kernel per real channel: (x - μ)·(γ/2)/sqrt(v/4 + eps/4) + β
-            return F.batch_norm(x, self.running_mean, self.running_var.repeat(4), half_weight.repeat(4),
-                                self.bias, False, 0.0, self.eps / 4)
+            return F.batch_norm(x, self.running_mean, self.running_var.repeat(k), half_weight.repeat(k),
+                                self.bias, False, 0.0, self.eps / k)
         centred, mean = _Centre.apply(x)
         with torch.no_grad():
             self.running_mean.lerp_(mean.flatten(), self.momentum)
-        pooled = centred.reshape(n * 4, c, h, w)
+        pooled = centred.reshape(n * k, c, h, w)
         # torch's batch norm on the pooled view; it updates running_var (unbiased) in the same kernel
-        y = F.batch_norm(pooled, self._pooled_mean, self.running_var, half_weight, None, True, self.momentum, self.eps / 4)
-        return y.reshape(n, 4 * c, h, w) + self.bias[:, None, None]
+        y = F.batch_norm(pooled, self._pooled_mean, self.running_var, half_weight, None, True, self.momentum, self.eps / k)
+        return y.reshape(n, k * c, h, w) + self.bias[:, None, None]
 
     def _whiten(self, x: Tensor) -> Tensor:
         n, _, h, w = x.shape
-        c = self.quaternions
+        c, k = self.quaternions, self.components
         if self.training:
             m = n * h * w
-            mean = x.mean(dim=(0, 2, 3)).view(4, c)
-            centred = (x - mean.view(-1, 1, 1)).reshape(n, 4, c, h, w).permute(2, 1, 0, 3, 4).reshape(c, 4, m)
-            cov = centred @ centred.transpose(1, 2) / m                               # (C, 4, 4)
+            mean = x.mean(dim=(0, 2, 3)).view(k, c)
+            centred = (x - mean.view(-1, 1, 1)).reshape(n, k, c, h, w).permute(2, 1, 0, 3, 4).reshape(c, k, m)
+            cov = centred @ centred.transpose(1, 2) / m                               # (C, k, k)
             with torch.no_grad():
                 self.running_mean.lerp_(mean.flatten(), self.momentum)
                 self.running_cov.lerp_(cov * (m / max(m - 1, 1)), self.momentum)
         else:
-            mean, cov = self.running_mean.view(4, c), self.running_cov
-        eye = torch.eye(4, device=x.device, dtype=x.dtype)
+            mean, cov = self.running_mean.view(k, c), self.running_cov
+        eye = torch.eye(k, device=x.device, dtype=x.dtype)
         lower = torch.linalg.cholesky_ex(cov + self.eps * eye).L                    # no error check: no sync
-        whitening = torch.linalg.solve_triangular(lower, eye.expand(c, 4, 4), upper=False)  # L⁻¹
-        a = self.weight @ whitening                                                   # Γ L⁻¹, (C, 4, 4)
-        shift = self.bias.view(4, c) - torch.einsum("cab,bc->ac", a, mean)          # β - Γ L⁻¹ μ
+        whitening = torch.linalg.solve_triangular(lower, eye.expand(c, k, k), upper=False)  # L⁻¹
+        a = self.weight @ whitening                                                   # Γ L⁻¹, (C, k, k)
+        shift = self.bias.view(k, c) - torch.einsum("cab,bc->ac", a, mean)          # β - Γ L⁻¹ μ
         # block[(a, c), (b, d)] = A[c, a, b] if c == d: the per-channel maps as one 1x1 conv
         block = a.permute(1, 0, 2).unsqueeze(-1) * torch.eye(c, device=x.device, dtype=x.dtype)[:, None, :]
-        return F.conv2d(x, block.reshape(4 * c, 4 * c, 1, 1), shift.flatten())
+        return F.conv2d(x, block.reshape(k * c, k * c, 1, 1), shift.flatten())
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, mode={self.mode}, eps={self.eps}, momentum={self.momentum}"
+        return (f"{self.num_features}, mode={self.mode}, eps={self.eps}, momentum={self.momentum}"
+                + (f", components={self.components}" if self.components != 4 else ""))

@@ -81,7 +81,7 @@ class _LevelObserver(ProgressObserver):
 
 
 def run_name(s: Settings) -> str:
-    return f"{s.model}-{s.algebra.name}-r{s.prune.rate:g}-s{s.seed}"
+    return f"{s.model}-{s.algebra.tag}-r{s.prune.rate:g}-s{s.seed}"
 
 
 LoggerFactory = Callable[[int], list[RunLogger]]
@@ -122,7 +122,7 @@ class LevelRunner:
         try:
             s = self._prepare()
             for t in self.trials:
-                title = f"{s.model} / {s.algebra.name} / {s.dataset.name} (seed {t.s.seed})"
+                title = f"{s.model} / {s.algebra.tag} / {s.dataset.name} (seed {t.s.seed})"
                 info = RunInfo(t.run_dir, run_name(t.s), title, t.config, self.counts, self.data.source, s.prune.levels + 1,
                                self.data_sizes, t.sessions)
                 for logger in t.loggers:

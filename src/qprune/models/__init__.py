@@ -1,7 +1,7 @@
 """Models, each defined once against an :class:`~qprune.algebra.Algebra` layer factory.
 
-The same definition gives the real (``real3``/``real4``) and the quaternion (``quat``) model;
-widths are real widths everywhere. Every model is a :class:`Classifier`: a feature extractor,
+The same definition gives the real (``real3``/``real4``), the quaternion (``quat``), the complex
+(``complex``) and the learned-rule (``phm``) model; widths are real widths everywhere. Every model is a :class:`Classifier`: a feature extractor,
 a flatten, hidden fully connected layers and a real ``output`` head (pruning treats these
 as the ``conv``, ``fc`` and ``output`` layer types).
 
@@ -13,7 +13,7 @@ of model names (each has a ``conf/model/<name>.yaml``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -52,20 +52,19 @@ MODELS: dict[str, ModelSpec] = {
 
 def build_model(
     name: str, algebra: str | Algebra = "real3", num_classes: int = 10, image_shape: ImageShape | None = None,
-    *, init: str | None = None, **options,
+    *, init: str | None = None, n: int | None = None, rules: str | None = None, **options,
 ) -> Classifier:
     """Build model ``name`` in number system ``algebra`` for ``image_shape`` (C, H, W) images.
 
     ``image_shape`` defaults to the model's usual data (MNIST for LeNet, CIFAR for the others);
-    ``init`` sets the quaternion initialisation (``he`` or ``study``; default: the algebra's);
+    ``init`` sets the quaternion initialisation (``he`` or ``study``; default: the algebra's), ``n``
+    and ``rules`` configure a PHM algebra (``build_model("conv4", "phm", n=4)``);
     ``options`` override the architecture (e.g. ``hidden=(512, 256)``; see ``MODELS``).
     """
     if name not in MODELS:
         raise ConfigError(f"model must be one of {', '.join(MODELS)}, got {name!r}")
     spec = MODELS[name]
-    algebra = get_algebra(algebra)
-    if init is not None:
-        algebra = replace(algebra, init=init)
+    algebra = get_algebra(algebra, **{k: v for k, v in {"init": init, "n": n, "rules": rules}.items() if v is not None})
     if unknown := set(options) - set(spec.options):
         raise ConfigError(f"model {name} has no option(s) {sorted(unknown)}; it takes {sorted(spec.options)}")
     return spec.build(algebra, tuple(image_shape or spec.image), num_classes, **{**spec.options, **options})

@@ -39,6 +39,7 @@ def lenet(algebra: Algebra, image: ImageShape, num_classes: int, hidden: Sequenc
     """LeNet-300-100 (Han et al.; the lottery-ticket paper's MNIST model): an MLP on raw pixels."""
     channels, height, width = image
     in_features = algebra.input_channels(channels, flat=True) * height * width
+    algebra.check_flat_input(in_features)
     fc, width_out = _mlp(algebra, in_features, hidden)
     return Classifier(nn.Identity(), algebra.flatten(channels), fc, algebra.output(width_out, num_classes))
 
