@@ -443,3 +443,32 @@ def test_run_files_load_tensors_only(tmp_path):
     with pytest.raises(Exception):
         store.load_level(0)
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- augmentation in the epochs
+
+def test_training_epochs_are_augmented_and_keep_their_labels():
+    """``dataset.augment=crop_flip`` reaches training: image i of an epoch is the original at position
+    order[i] of the training split (the order is the generator's first draw), shifted by 0-8 pixels in
+    each direction inside a 4-pixel zero padding and mirrored about half the time; its label travels
+    with it. Random images make every crop unambiguous. Catches an epoch that skips augmentation, a
+    shift range that misses the last offset, and labels left in the old order."""
+    from qprune.data import RawSplits, device_data
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 12, 12), generator=g, dtype=torch.uint8)
+    y = torch.arange(64) % 10
+    raw = RawSplits(x, y, x[:8], y[:8], [str(c) for c in range(10)], "random images")
+    data = device_data(raw, torch.device("cpu"), mean=(0.5,) * 3, std=(0.25,) * 3, add_gray=False, augment="crop_flip")
+    epoch = data.epoch(data.train, torch.Generator().manual_seed(11))
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(epoch.y, data.train.y[order])
+    padded = F.pad(data.train.x[order], (4, 4, 4, 4))
+    found = []
+    for i in range(64):
+        (match,) = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)
+                    if torch.equal(epoch.x[i], padded[i, :, dy:dy + 12, dx:dx + 12].flip(-1) if flip else padded[i, :, dy:dy + 12, dx:dx + 12])]
+        found.append(match)
+    assert {dy for dy, _, _ in found} == set(range(9)) and {dx for _, dx, _ in found} == set(range(9))
+    assert 20 < sum(flip for _, _, flip in found) < 44, "about half mirrored"
+    assert sum((dy, dx, flip) == (4, 4, False) for dy, dx, flip in found) < 5, "most images are moved"
