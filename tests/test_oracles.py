@@ -176,6 +176,18 @@ def late_rewind_run(data_root, cache_dir, tmp_path_factory):
     return run_dir, calls
 
 
+@pytest.fixture(scope="module")
+def extended_run(late_rewind_run, data_root, cache_dir, tmp_path_factory):
+    """A copy of the finished late-rewind run, extended to level 2 by a new session (prune.levels=2)."""
+    import shutil
+
+    run_dir = tmp_path_factory.mktemp("oracle-extended") / "run"
+    shutil.copytree(late_rewind_run[0], run_dir)
+    run(["protocol=lth", "prune.rewind=4it", "prune.levels=2", "seed=5", "save.weights=last",
+         "baselines=[random_reinit,random_prune]"], run_dir, data_root, cache_dir)
+    return run_dir
+
+
 # --------------------------------------------------------------------------- lth
 
 def test_lth_masks_prune_the_smallest_trained_magnitudes_of_the_survivors(lth_run):
@@ -228,6 +240,20 @@ def test_a_late_rewind_point_is_the_weights_after_exactly_n_steps(late_rewind_ru
     assert agreement(replay.train(rewind, masks, seed=5, level=1), trained) > SAME
     # save.weights=last keeps only the newest level's weights
     assert not (run_dir / "levels/level_00/weights.pt").exists() and (run_dir / "levels/level_00/masks.pt").is_file()
+
+
+def test_a_resumed_run_rewinds_to_the_saved_rewind_point(late_rewind_run, extended_run, replay):
+    """A later session (here: the run extended by a level) rewinds to checkpoints/rewind.pt, not to the
+    initialisation, and prunes the newest kept weights. Catches a rewind point lost on resume."""
+    rewind = load(late_rewind_run[0] / "checkpoints/rewind.pt")
+    assert torch.equal(load(extended_run / "checkpoints/rewind.pt")["output.weight"], rewind["output.weight"])
+    masks = unpack_masks(load(extended_run / "levels/level_02/masks.pt"))
+    expected = magnitude_masks(load(late_rewind_run[0] / "levels/level_01/weights.pt"),
+                               unpack_masks(load(late_rewind_run[0] / "levels/level_01/masks.pt")), 0.2)
+    assert all(torch.equal(masks[n], expected[n]) for n in expected)
+    trained = load(extended_run / "levels/level_02/weights.pt")
+    assert agreement(replay.train(rewind, masks, seed=5, level=2), trained) > SAME
+    assert not (extended_run / "levels/level_01/weights.pt").exists()
 
 
 def test_baselines_differ_from_the_ticket_only_where_they_should(late_rewind_run):
@@ -472,3 +498,16 @@ def test_training_epochs_are_augmented_and_keep_their_labels():
     assert {dy for dy, _, _ in found} == set(range(9)) and {dx for _, dx, _ in found} == set(range(9))
     assert 20 < sum(flip for _, _, flip in found) < 44, "about half mirrored"
     assert sum((dy, dx, flip) == (4, 4, False) for dy, dx, flip in found) < 5, "most images are moved"
+
+
+def test_starting_over_removes_the_previous_runs_files(tmp_path):
+    """``resume=false`` in a directory that holds another run: its levels and checkpoints go, so none of
+    them passes for this run's. Catches a restart that keeps them (and reports 'all levels finished')."""
+    first = RunDirectory(tmp_path)
+    first.claim({"seed": 0}, resume=True)
+    first.save_level(0, *_level(1.0))
+    first.save_checkpoint("init", _level(1.0)[1])
+    again = RunDirectory(tmp_path)
+    again.claim({"seed": 1}, resume=False)
+    assert again.finished_levels() == [] and again.load_checkpoint("init") is None
+    assert json.loads((tmp_path / "run.json").read_text())["identity"] == {"seed": 1}
