@@ -101,7 +101,7 @@ MUTANTS = [
     # ---------------------------------------------------------------- training (the rules pruning relies on)
     Mutant("train-gradients-unmasked", TRAINING, "            _mask_gradients(masked_params, float_masks)\n", "",
            (T_PRUNING, T_ORACLES), "pruned weights come back to life"),
-    Mutant("train-carried-moments-unmasked", TRAINING, "                    value = value * masks[name].to(value.dtype)\n", "",
+    Mutant("train-carried-moments-unmasked", TRAINING, "if masks is not None and name in masks:", "if False:",
            (T_PROTOCOLS,), "phase A's carried moments move freshly pruned weights"),
     # ---------------------------------------------------------------- protocols
     Mutant("lth-no-rewind", PROTOCOLS, "            t.model.load_state_dict(t.rewind)\n            level_masks.apply_(t.model)",
