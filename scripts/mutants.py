@@ -38,12 +38,12 @@ COPIED = ("src", "tests", "conf", "scripts", "pyproject.toml")
 
 QUAT, PRUNING, TRAINING = "src/qprune/quaternion.py", "src/qprune/pruning.py", "src/qprune/training.py"
 PROTOCOLS, RUNNER = "src/qprune/protocols.py", "src/qprune/runner.py"
-PIPELINE, STORE = "src/qprune/data/pipeline.py", "src/qprune/store.py"
+PIPELINE, STORE, LEVELS = "src/qprune/data/pipeline.py", "src/qprune/store.py", "src/qprune/levels.py"
 
 # Test files, cheapest first (-x stops at the first failure).
 T_QUAT, T_PRUNING, T_STORE = "tests/test_quaternion.py", "tests/test_pruning.py", "tests/test_store.py"
 T_ORACLES, T_PROTOCOLS, T_DATA = "tests/test_oracles.py", "tests/test_protocols.py", "tests/test_data.py"
-T_TRIALS, T_CLI, T_ENGINE = "tests/test_trials.py", "tests/test_cli.py", "tests/test_engine.py"
+T_TRIALS, T_CLI, T_FIDELITY = "tests/test_trials.py", "tests/test_cli.py", "tests/test_fidelity.py"
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,15 @@ MUTANTS = [
            (T_QUAT,), "component table of Z4 instead of the Klein four-group"),
     Mutant("quat-backward-unsigned", QUAT, "signed = (grad.transpose(1, 2) * sign.view(4, 4, 1, 1)).reshape(16, m * nk)",
            "signed = grad.transpose(1, 2).reshape(16, m * nk)", (T_QUAT,), "CPU backward forgets the signs"),
-    Mutant("quat-init-sigma", QUAT, "sigma = 1.0 / math.sqrt(2.0 * fan_in)", "sigma = 1.0 / math.sqrt(fan_in)",
-           (T_QUAT,), "initialisation 1.41x too small"),
+    Mutant("quat-init-sigma", QUAT, 'sigma = 1.0 / math.sqrt((2.0 if scheme == "he" else 8.0) * fan_in)',
+           'sigma = 1.0 / math.sqrt((1.0 if scheme == "he" else 8.0) * fan_in)', (T_QUAT,), "He initialisation 1.41x too large"),
+    Mutant("quat-init-study-sigma", QUAT, 'sigma = 1.0 / math.sqrt((2.0 if scheme == "he" else 8.0) * fan_in)',
+           'sigma = 1.0 / math.sqrt((2.0 if scheme == "he" else 4.0) * fan_in)', (T_FIDELITY, T_QUAT),
+           "algebra.init=study at another scale than the original code's"),
+    Mutant("quat-init-study-kernel-area", QUAT,
+           "return in_quaternions * (kernel_size if isinstance(kernel_size, int) else math.prod(kernel_size))",
+           "return in_quaternions * (kernel_size ** 2 if isinstance(kernel_size, int) else math.prod(kernel_size))",
+           (T_FIDELITY, T_QUAT), "algebra.init=study counts a 3x3 conv's fan-in as 9, not the original's 3"),
     Mutant("quat-init-fan-in", QUAT, "fan_in = self.weight.shape[2] * math.prod(self.weight.shape[3:])",
            "fan_in = self.weight.shape[2]", (T_QUAT,), "conv fan-in without the kernel area"),
     Mutant("quat-init-axis", QUAT, "axis = axis / axis.norm(dim=0).clamp_min(torch.finfo(dtype).tiny)",
@@ -108,25 +115,33 @@ MUTANTS = [
            "            level_masks.apply_(t.model)", (T_ORACLES,), "IMP silently becomes iterative fine-tuning"),
     Mutant("lth-prunes-the-initialisation", PROTOCOLS, "            t.model.load_state_dict(previous_weights)\n",
            "            t.model.load_state_dict(t.init)\n", (T_ORACLES,), "masks ranked on the initial weights"),
-    Mutant("lth-masks-not-nested", PROTOCOLS, "prune(t.model, Masks(previous_masks).to(r.data.device), r.weights, r.s.prune)",
-           "prune(t.model, Masks.ones(t.model, r.weights), r.weights, r.s.prune)", (T_ORACLES,),
+    Mutant("lth-masks-not-nested", PROTOCOLS, "prune(t.model, Masks(previous_masks).to(c.device), c.weights, c.settings.prune)",
+           "prune(t.model, Masks.ones(t.model, c.weights), c.weights, c.settings.prune)", (T_ORACLES,),
            "each level prunes 20% of all weights afresh"),
     Mutant("paper-optimizer-reset", PROTOCOLS, 'optimizers = [state["optimizer"] for state in states]', "optimizers = None",
            (T_PROTOCOLS,), "phase A's optimizer reset every round"),
     Mutant("paper-phase-a-rewinds", PROTOCOLS, '                t.model.load_state_dict(state["weights"])\n',
            "                t.model.load_state_dict(t.init)\n", (T_PROTOCOLS,), "phase A restarts each round from the init"),
     Mutant("paper-phase-b-no-reset", PROTOCOLS,
-           "            t.model.load_state_dict(t.init)\n            m = Masks.ones(t.model, r.weights) if level == 0",
-           "            m = Masks.ones(t.model, r.weights) if level == 0", (T_PROTOCOLS,),
+           "            t.model.load_state_dict(t.init)\n            m = Masks.ones(t.model, c.weights) if level == 0",
+           "            m = Masks.ones(t.model, c.weights) if level == 0", (T_PROTOCOLS,),
            "phase B trains from phase A's weights, not the initialisation"),
-    Mutant("paper-round-0-from-init", PROTOCOLS, "self._save_round(t, 0, masks, _copy(t.model.state_dict()), optimizer, training)",
-           "self._save_round(t, 0, masks, _copy(t.init), optimizer, training)", (T_PROTOCOLS,),
+    Mutant("paper-round-0-from-init", PROTOCOLS, "self._save_round(t, 0, masks, copy_state(t.model.state_dict()), optimizer, training)",
+           "self._save_round(t, 0, masks, copy_state(t.init), optimizer, training)", (T_PROTOCOLS,),
            "the shared round 0 hands phase A the untrained weights"),
-    Mutant("stop-when-any-run-stops", PROTOCOLS, "return all(len(r) >= n and all(", "return any(len(r) >= n and all(",
+    Mutant("stop-when-any-run-stops", PROTOCOLS, 'return all(_below([rec["row"] for rec in r], n, settings.stop_below) for r in records)',
+           'return any(_below([rec["row"] for rec in r], n, settings.stop_below) for r in records)',
            (T_PROTOCOLS,), "trials stop when the first run meets the rule"),
-    Mutant("stop-after-one-level", PROTOCOLS, "for rec in r[-n:]) for r in records)", "for rec in r[-1:]) for r in records)",
-           (T_PROTOCOLS,), "stops after one level below the threshold, not stop_after"),
-    Mutant("baseline-prune-keeps-ticket-masks", PROTOCOLS, "                m = random_masks_like(m, g)\n", "",
+    Mutant("stop-after-one-level", PROTOCOLS, "n = settings.stop_after if after is None else after",
+           "n = 1 if after is None else after", (T_PROTOCOLS,), "stops after one level below the threshold, not stop_after"),
+    Mutant("paper-carry-restarts-phase-b", PROTOCOLS, "        if not self.p.carry or level == 0:\n            return None\n",
+           "        return None\n", (T_FIDELITY,), "phase_b_optimizer=carry silently trains phase B with fresh optimizers"),
+    Mutant("paper-carry-level-1-from-round-1", PROTOCOLS,
+           '            return [self._state(t, last)["optimizer"] for t in self.ctx.trials]',
+           '            return [self._state(t, 1)["optimizer"] for t in self.ctx.trials]', (T_FIDELITY,),
+           "carry: phase B's level 1 continues from round 1's optimizer, not phase A's last"),
+    Mutant("baseline-prune-keeps-ticket-masks", PROTOCOLS,
+           "                m = random_masks_like(m, ctx.generator(t.s.seed, level, stream=1 + BASELINES.index(baseline)))\n", "",
            (T_ORACLES, T_PROTOCOLS), "random_prune is the ticket"),
     Mutant("baseline-reinit-is-init", PROTOCOLS, "                t.model.load_state_dict(t.reinit)\n",
            "                t.model.load_state_dict(t.init)\n", (T_ORACLES, T_PROTOCOLS), "random_reinit starts from the ticket's init"),
@@ -134,13 +149,13 @@ MUTANTS = [
            "                t.model.load_state_dict(t.init)\n", (T_ORACLES, T_PROTOCOLS),
            "random_prune starts from the init, not the ticket's rewind point"),
     Mutant("baseline-other-data-order", PROTOCOLS,
-           "trainings = runner.trainer.train_level(level_masks, runner.generators(level), observers)",
-           "trainings = runner.trainer.train_level(level_masks, runner.generators(level + 1), observers)",
+           "trainings = ctx.trainer.train_level(level_masks, ctx.generators(level), observers)",
+           "trainings = ctx.trainer.train_level(level_masks, ctx.generators(level + 1), observers)",
            (T_ORACLES, T_PROTOCOLS), "baselines train on another data order than the ticket"),
     Mutant("baseline-init-seed", PROTOCOLS, "return seed + 1_000_003", "return seed", (T_ORACLES, T_PROTOCOLS),
            "random_reinit's 'fresh' initialisation is the run's own"),
-    # ---------------------------------------------------------------- runner
-    Mutant("level-order-forgets-level", RUNNER, "manual_seed(seed * 100_003 + level + stream * 1_000_000_007)",
+    # ---------------------------------------------------------------- runner and levels
+    Mutant("level-order-forgets-level", LEVELS, "manual_seed(seed * 100_003 + level + stream * 1_000_000_007)",
            "manual_seed(seed * 100_003 + stream * 1_000_000_007)", (T_ORACLES,), "the same data order at every level"),
     Mutant("rewind-snapshot-late", RUNNER, "        if step == self.rewind_step:\n", "        if step == self.rewind_step + 1:\n",
            (T_ORACLES,), "prune.rewind=Nit keeps the weights after N+1 steps"),
