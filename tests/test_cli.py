@@ -56,7 +56,9 @@ def test_quick_run_writes_sensible_levels(quick_run):
         kept = round(float(r["prunable_remaining"]) * prunable)
         assert abs(int(r["params_nonzero"]) - (kept + 410)) <= 1
         assert float(r["pct_of_real"]) == pytest.approx(100 * int(r["params_nonzero"]) / 266_610, abs=1e-3)
-        assert float(r["test_acc"]) > 80, "100 Adam steps on MNIST reach well above chance (10%)"
+        # 100 Adam steps (6,000 digits) reach ~91% at every level (90.9-91.3 measured at 1 and 2 threads);
+        # a few points of slack for other platforms' rounding
+        assert float(r["test_acc"]) > 88
         assert int(r["steps"]) == 100 and r["best_val_acc"] == ""
     for name in ("levels.json", "accuracy_vs_sparsity.png", "training_curves.png", "checkpoints/init.pt", "levels/level_02/masks.pt", "levels/level_02/weights.pt"):
         assert (run_dir / name).is_file(), name

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qprune.data import GRAY_WEIGHTS, DataSettings, DatasetSettings, device_data, load_data, load_raw, random_crop_flip
+from qprune.data import DataSettings, DatasetSettings, device_data, load_data, load_raw, random_crop_flip
 from qprune.errors import DataError
 
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -48,7 +48,7 @@ def test_model_input_normalises_and_appends_gray(cifar10):
     assert x.shape == (500, 4, 32, 32) and x.dtype == torch.float32
     rgb = (data.test.x.float() / 255 - torch.tensor(IMAGENET["mean"]).view(1, 3, 1, 1)) / torch.tensor(IMAGENET["std"]).view(1, 3, 1, 1)
     torch.testing.assert_close(x[:, :3], rgb)
-    gray = sum(w * rgb[:, c] for c, w in enumerate(GRAY_WEIGHTS))  # after normalisation, as the study did
+    gray = 0.2989 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]  # ITU-R 601, after normalisation as the study did
     torch.testing.assert_close(x[:, 3], gray)
     assert -2.2 < x.min() < -1.7 and 2.2 < x.max() < 2.7
 

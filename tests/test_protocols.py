@@ -57,9 +57,26 @@ def test_paper_masks_shrink_by_the_rate_and_nest(paper_run):
     assert [r["prunable_remaining"] for r in rows] == pytest.approx([1.0, 0.8, 0.64], abs=1e-4)
     # round 0 and level 0 are one training (same epochs); later rounds are phase A's own accuracy
     assert rows[0]["mask_test_acc"] == rows[0]["test_acc"]
-    assert all(r["mask_test_acc"] is not None and r["test_acc"] > 50 for r in rows)
+    # 15 steps on 1,200 digits: 72.6-78.4% measured (phase A's rounds, trained on for longer, 72.6-84.2%)
+    assert all(r["mask_test_acc"] > 65 and r["test_acc"] > 65 for r in rows)
     # only the newest round keeps the state phase A continues from
     assert [(store.round_dir(r) / "state.pt").is_file() for r in range(3)] == [False, False, True]
+
+
+def test_phase_a_prunes_the_trained_weights_and_carries_one_optimizer_on(paper_run):
+    """Round 1 removes the 20% smallest |w| of round 0's trained weights (= level 0's: one training),
+    in one pool of every component and the real output layer; round 2's saved optimizer has taken
+    every step of rounds 0-2 (3 × 15), not one round's 15 (an optimizer reset each round)."""
+    run_dir, _ = paper_run
+    level_0 = load_tensors(run_dir / "levels/level_00/weights.pt")
+    names = ["hidden.0.weight", "hidden.2.weight", "output.weight"]
+    scores = torch.cat([level_0[n].abs().flatten() for n in names])
+    threshold = scores.kthvalue(round(0.2 * scores.numel())).values
+    round_1 = RunDirectory(run_dir).load_round_masks(1)
+    assert sorted(round_1) == names
+    assert all(torch.equal(round_1[n], level_0[n].abs() > threshold) for n in names)
+    state = torch.load(run_dir / "mask_rounds/round_02/state.pt", weights_only=True)
+    assert {name: float(s["step"]) for name, s in state["optimizer"].items()} == {name: 45.0 for name in level_0}
 
 
 def test_paper_levels_train_each_mask_from_the_initialisation(paper_run, data_root, cache_dir):
