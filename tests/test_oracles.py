@@ -319,7 +319,7 @@ def test_a_mixed_pool_ranks_whole_quaternions_by_their_rms_against_real_weights(
         model.hidden.weight.copy_(shape.view(4, 1, 1) * moduli * torch.tensor([1.0, -1.0, 1.0, -1.0]).view(4, 1, 1))
         model.output.weight.copy_((reals[shuffle] * signs).view(2, 8))
     weights = prunable_weights(model)
-    assert [(w.name, w.layer_type, w.quaternion) for w in weights] == [("hidden.weight", "fc", True), ("output.weight", "output", False)]
+    assert [(w.name, w.layer_type, w.hypercomplex) for w in weights] == [("hidden.weight", "fc", True), ("output.weight", "output", False)]
     masks = prune(model, Masks.ones(model, weights), weights, PruneSettings(rate=0.5, scope="global", unit="quaternion"))
     kept_quaternions = masks["hidden.weight"]
     assert all(torch.equal(kept_quaternions[c], moduli > 0.8 + 1e-6) for c in range(4)), "|q| 1.2 and 1.6 stay, whole"
