@@ -105,6 +105,13 @@ MUTANTS = [
     Mutant("prune-random-count", PRUNING, "keep[torch.topk(scores.flatten(), int(mask.sum())).indices] = True",
            "keep[torch.topk(scores.flatten(), int(mask.sum()) - 1).indices] = True", (T_PRUNING, T_ORACLES),
            "random-pruning baseline one weight sparser per layer"),
+    # (believed harmless: kept to show what the tests cannot tell apart, argued in docs/testing.md)
+    Mutant("prune-quaternion-alive-any", PRUNING, "mask.all(dim=0).flatten(), 4", "mask.any(dim=0).flatten(), 4",
+           (T_PRUNING, T_ORACLES), "a quaternion counts as alive when any component is (masks prune whole quaternions)"),
+    Mutant("prune-unstable-sort", PRUNING, "torch.full_like(scores, -1.0)), stable=True)", "torch.full_like(scores, -1.0)), stable=False)",
+           (T_PRUNING, T_ORACLES), "ties among equal scores broken in another order"),
+    Mutant("prune-dead-score-zero", PRUNING, "torch.full_like(scores, -1.0)", "torch.full_like(scores, 0.0)",
+           (T_PRUNING, T_ORACLES), "pruned units score 0 instead of -1 before sorting"),
     # ---------------------------------------------------------------- training (the rules pruning relies on)
     Mutant("train-gradients-unmasked", TRAINING, "            _mask_gradients(masked_params, float_masks)\n", "",
            (T_PRUNING, T_ORACLES), "pruned weights come back to life"),
