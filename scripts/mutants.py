@@ -39,6 +39,7 @@ COPIED = ("src", "tests", "conf", "scripts", "pyproject.toml")
 QUAT, PRUNING, TRAINING = "src/qprune/quaternion.py", "src/qprune/pruning.py", "src/qprune/training.py"
 PROTOCOLS, RUNNER = "src/qprune/protocols.py", "src/qprune/runner.py"
 PIPELINE, STORE, LEVELS = "src/qprune/data/pipeline.py", "src/qprune/store.py", "src/qprune/levels.py"
+FILES = "src/qprune/files.py"  # the store's atomic writes
 
 # Test files, cheapest first (-x stops at the first failure).
 T_QUAT, T_PRUNING, T_STORE = "tests/test_quaternion.py", "tests/test_pruning.py", "tests/test_store.py"
@@ -81,8 +82,8 @@ MUTANTS = [
            "x = x.view(n, 4, g, gin, h, w).reshape(n, 4 * g * gin, h, w)", (T_QUAT,),
            "grouped quaternion conv mixes components across groups"),
     # ---------------------------------------------------------------- pruning
-    Mutant("prune-whole-quaternion-norm", PRUNING, "return weight.norm(dim=0).flatten() / 2, mask.all(dim=0).flatten(), 4",
-           "return weight.norm(dim=0).flatten(), mask.all(dim=0).flatten(), 4", (T_PRUNING, T_ORACLES),
+    Mutant("prune-whole-quaternion-norm", PRUNING, "return weight.norm(dim=0).flatten() / n**0.5, mask.all(dim=0).flatten(), n",
+           "return weight.norm(dim=0).flatten(), mask.all(dim=0).flatten(), n", (T_PRUNING, T_ORACLES),
            "|q| instead of |q|/2: pruning shifts from the quaternion layers to the real head"),
     Mutant("prune-signed-magnitude", PRUNING, "return weight.abs().flatten(), mask.flatten(), 1",
            "return weight.flatten(), mask.flatten(), 1", (T_PRUNING, T_ORACLES), "ranks signed values, not magnitudes"),
@@ -106,7 +107,7 @@ MUTANTS = [
            "keep[torch.topk(scores.flatten(), int(mask.sum()) - 1).indices] = True", (T_PRUNING, T_ORACLES),
            "random-pruning baseline one weight sparser per layer"),
     # (believed harmless: kept to show what the tests cannot tell apart, argued in docs/testing.md)
-    Mutant("prune-quaternion-alive-any", PRUNING, "mask.all(dim=0).flatten(), 4", "mask.any(dim=0).flatten(), 4",
+    Mutant("prune-quaternion-alive-any", PRUNING, "mask.all(dim=0).flatten(), n", "mask.any(dim=0).flatten(), n",
            (T_PRUNING, T_ORACLES), "a quaternion counts as alive when any component is (masks prune whole quaternions)"),
     Mutant("prune-unstable-sort", PRUNING, "torch.full_like(scores, -1.0)), stable=True)", "torch.full_like(scores, -1.0)), stable=False)",
            (T_PRUNING, T_ORACLES), "ties among equal scores broken in another order"),
@@ -205,13 +206,15 @@ MUTANTS = [
     Mutant("drop-last-ignored", PIPELINE, "stop = len(split) - len(split) % batch_size if drop_last else len(split)",
            "stop = len(split)", (T_DATA,), "train.drop_last=true still trains the partial batch"),
     # ---------------------------------------------------------------- run directory
-    Mutant("store-non-atomic", STORE, "    tmp.write_bytes(data)\n    os.replace(tmp, path)", "    path.write_bytes(data)",
+    Mutant("store-non-atomic", FILES,
+           '        with open(tmp, "wb") as f:\n            f.write(data)\n            f.flush()\n            os.fsync(f.fileno())\n'
+           '        os.replace(tmp, path)\n',
+           '        with open(path, "wb") as f:\n            f.write(data)\n',
            (T_STORE, T_ORACLES), "a crash leaves a half file under the final name"),
     Mutant("store-result-first", STORE,
-           '        atomic_save(pack_masks(masks), directory / "masks.pt")\n        atomic_save(host_copies(weights), directory / "weights.pt")\n'
-           '        atomic_write_text(directory / "result.json", json.dumps(record, indent=2))\n',
-           '        atomic_write_text(directory / "result.json", json.dumps(record, indent=2))\n'
-           '        atomic_save(pack_masks(masks), directory / "masks.pt")\n        atomic_save(host_copies(weights), directory / "weights.pt")\n',
+           '        directory = self.level_dir(level)\n        files = {"masks.pt": atomic_save(',
+           '        directory = self.level_dir(level)\n        write_json(directory / "result.json", record)\n'
+           '        files = {"masks.pt": atomic_save(',
            (T_STORE, T_ORACLES), "a level looks finished before its weights are on disk"),
     Mutant("store-unpack-from-the-end", STORE, "masks[name] = flat[: shape.numel()].view(shape)",
            "masks[name] = flat[-shape.numel():].view(shape)", (T_STORE,), "masks read back shifted by the padding bits"),
