@@ -226,8 +226,8 @@ MUTANTS = [
     Mutant("store-drops-the-new-round-state", STORE, '(self.round_dir(round_ - 1) / "state.pt").unlink(missing_ok=True)',
            '(self.round_dir(round_) / "state.pt").unlink(missing_ok=True)', (T_PROTOCOLS,),
            "phase A cannot continue after a restart"),
-    Mutant("store-unpickles", STORE, 'return torch.load(path, map_location="cpu", weights_only=True)',
-           'return torch.load(path, map_location="cpu", weights_only=False)', (T_STORE, T_ORACLES),
+    Mutant("store-unpickles", STORE, 'return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)',
+           'return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)', (T_STORE, T_ORACLES),
            "loading a run file can run arbitrary code"),
 ]
 

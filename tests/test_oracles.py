@@ -456,20 +456,24 @@ def test_a_level_that_dies_while_saving_is_not_finished(tmp_path, monkeypatch, a
 
 
 def test_run_files_load_tensors_only(tmp_path):
-    """Run files are read with ``weights_only=True``: a weights file that smuggles in an object does not
-    get to run code (here: create a file) when a run resumes from it."""
+    """Run files are read with ``weights_only=True``: a file that smuggles in an object does not get to run
+    code (here: create a file) when a run resumes from it — neither a checkpoint (no checksum is recorded
+    for it, so only ``weights_only`` stands in the way) nor a level's weights (refused by its checksum too)."""
     store = RunDirectory(tmp_path)
     store.save_level(0, *_level(1.0))
+    store.save_checkpoint("init", _level(1.0)[1])
     marker = tmp_path / "code-ran"
 
     class Smuggled:
         def __reduce__(self):
             return (Path.touch, (marker,))
 
-    torch.save({"w": torch.zeros(4096), "extra": Smuggled()}, store.level_dir(0) / "weights.pt")
-    with pytest.raises(Exception):
-        store.load_level(0)
-    assert not marker.exists()
+    for path, load in ((store.path / "checkpoints/init.pt", lambda: store.load_checkpoint("init")),
+                       (store.level_dir(0) / "weights.pt", lambda: store.load_level(0))):
+        torch.save({"w": torch.zeros(4096), "extra": Smuggled()}, path)
+        with pytest.raises(Exception):
+            load()
+        assert not marker.exists(), f"loading {path.name} ran the code it smuggled in"
 
 
 # --------------------------------------------------------------------------- augmentation in the epochs
