@@ -19,6 +19,10 @@ def install(spec: str) -> None:
     name, suffix, *when = spec.split(":")
     sig, after = getattr(signal, name), when == ["after"]
     real_replace = os.replace
+    if sig == signal.SIGINT:
+        # As in a terminal: a shell that starts jobs in the background (nohup, `&` without job
+        # control) leaves SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def replace(src, dst, *args, **kwargs):
         hit = str(dst).endswith(suffix)
