@@ -35,6 +35,8 @@ def parse_args(argv):
     p.add_argument("--levels", default="", help="per-algebra level caps, e.g. real3=18,quat=12")
     p.add_argument("--work", type=Path, default=Path(os.environ.get("QPRUNE_OUTPUTS", "outputs")) / "reproduce")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    p.add_argument("--name", help="file name of the report, figure and table (default: the figure's name), "
+                                  "e.g. to keep another schedule's or choice's report beside it")
     p.add_argument("--label", default="", help="a line for the report (e.g. what machine, why the schedule is short)")
     p.add_argument("--aggregation", choices=("both", "mean", "study"), default="both",
                    help="mean: each level over the seeds that reached it (n shown); study: the original's plots "
@@ -97,8 +99,9 @@ def choices(runs: list[dict]) -> str:
                      + (f": {names[(i, o, r)]}" if (i, o, r) in names else "") for i, o, r in seen)
 
 
-def report(figure: str, summary, runs: list[dict], args, wall: float) -> str:
-    """docs/results/<figure>.md: how it was made, then mean ± std per level and algebra."""
+def report(figure: str, summary, runs: list[dict], args, wall: float, name: str | None = None) -> str:
+    """docs/results/<name>.md: how it was made, then mean ± std per level and algebra."""
+    name = name or figure
     small = [o for o in args.overrides if not o.startswith(("logger", "progress", "data.root", "data.cache", "device"))]
     lines = [f"# {figure}: test accuracy against % of the real model's parameters", ""]
     if small or args.levels:
@@ -110,6 +113,7 @@ def report(figure: str, summary, runs: list[dict], args, wall: float) -> str:
     lines += [
         f"- command: `python scripts/reproduce.py {figure} --seeds {args.seeds}"
         + (f" --algebras {args.algebras}" if args.algebras else "") + (f" --levels {args.levels}" if args.levels else "")
+        + (f" --name {args.name}" if args.name else "")
         + (f" -- {' '.join(args.overrides)}" if args.overrides else "") + "`",
         f"- protocol: `paper` (conf/experiment/paper/{figure}.yaml); seeds {args.seeds}; {choices(runs)}",
         f"- device: {device_name()}; date {datetime.now(timezone.utc):%Y-%m-%d}",
@@ -120,7 +124,7 @@ def report(figure: str, summary, runs: list[dict], args, wall: float) -> str:
         f"- data: {', '.join(_shown(s) for s in sources)}"
         + (" (the JPEG copy of CIFAR-10: absolute accuracies run a little lower than on the original images)"
            if any("jpeg" in s for s in sources) else ""),
-        "", f"![{figure}]({figure}.png)", "",
+        "", f"![{name}]({name}.png)", "",
     ]
     curves = summary.curves
     lines += ["| level | " + " | ".join(f"{c.label}: % of real | {c.label}: test acc" for c in curves) + " |",
@@ -137,7 +141,7 @@ def report(figure: str, summary, runs: list[dict], args, wall: float) -> str:
             cells += [f"{p['pct_of_real']:.2f}", f"{p['test_acc_mean']:.2f}{std} (n={p['runs']})"]
         lines.append(f"| {level} | " + " | ".join(cells) + " |")
     lines += ["", "Mean ± sample std over seeds; `n` runs reached the level. Full tables: "
-              f"`{figure}.csv` (per level and algebra, with the phase-A accuracy `mask_test_acc`).", ""]
+              f"`{name}.csv` (per level and algebra, with the phase-A accuracy `mask_test_acc`).", ""]
     if args.aggregation in ("both", "mean"):
         lines += matched_table(curves)
     if args.aggregation in ("both", "study"):
@@ -152,26 +156,13 @@ def report(figure: str, summary, runs: list[dict], args, wall: float) -> str:
     return "\n".join(lines)
 
 
-MATCH_POINTS = (50, 25, 20, 15, 10, 7, 5, 4, 3, 2, 1.5, 1, 0.7, 0.5, 0.3)
-
-
-def interpolate(points: list[dict], pct: float) -> float | None:
-    """Mean test accuracy at ``pct`` % of real parameters, linear in log % between the two nearest levels."""
-    import math
-
-    xy = sorted((p["pct_of_real"], p["test_acc_mean"]) for p in points if p["test_acc_mean"] is not None)
-    for (x0, y0), (x1, y1) in zip(xy, xy[1:]):
-        if x0 <= pct <= x1:
-            t = 0.0 if x1 == x0 else (math.log(pct) - math.log(x0)) / (math.log(x1) - math.log(x0))
-            return y0 + t * (y1 - y0)
-    return None
-
-
 def matched_table(curves) -> list[str]:
     """Accuracy of each curve at the same % of real parameters: where the curves cross."""
+    from qprune.aggregate import MATCH_POINTS, accuracy_at
+
     rows = []
     for pct in MATCH_POINTS:
-        values = [interpolate(c.points, pct) for c in curves]
+        values = [accuracy_at(c.points, pct) for c in curves]
         if sum(v is not None for v in values) >= 2:
             rows.append((pct, values))
     if not rows:
@@ -222,11 +213,12 @@ def main(argv=None) -> int:
                       "init": (config.get("algebra") or {}).get("init", "he"),
                       "phase_b_optimizer": protocol.get("phase_b_optimizer", "fresh"),
                       "stop_rule": protocol.get("stop_rule", "two_below")})
+    name = args.name or args.figure
     args.out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(summary.figure, args.out / f"{args.figure}.png")
-    shutil.copyfile(work / "sweep_mean.csv", args.out / f"{args.figure}.csv")
-    (args.out / f"{args.figure}.md").write_text(report(args.figure, summary, facts, args, time.time() - start))
-    print(f"wrote {args.out / args.figure}.md, .png and .csv", flush=True)
+    shutil.copyfile(summary.figure, args.out / f"{name}.png")
+    shutil.copyfile(work / "sweep_mean.csv", args.out / f"{name}.csv")
+    (args.out / f"{name}.md").write_text(report(args.figure, summary, facts, args, time.time() - start, name))
+    print(f"wrote {args.out / name}.md, .png and .csv", flush=True)
     return 0
 
 

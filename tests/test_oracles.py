@@ -516,3 +516,28 @@ def test_starting_over_removes_the_previous_runs_files(tmp_path):
     again.claim({"seed": 1}, resume=False)
     assert again.finished_levels() == [] and again.load_checkpoint("init") is None
     assert json.loads((tmp_path / "run.json").read_text())["identity"] == {"seed": 1}
+
+
+# --------------------------------------------------------------------------- evaluation in chunks
+
+def test_evaluation_counts_every_test_image_once_in_cpu_chunks(mnist):
+    """On the CPU the test set is evaluated 100 images at a time (faster there): every image once,
+    the last chunk partial, and the accuracy of the whole set at once (a chunk's rounding may at
+    most flip an image whose top two logits tie to float precision: one image of slack)."""
+    from qprune.data.pipeline import device_data
+    from qprune.training import eval_batch_size, evaluate
+
+    assert eval_batch_size(1000, torch.device("cpu")) == 100
+    assert eval_batch_size(1000, torch.device("cuda")) == 1000 and eval_batch_size(64, torch.device("cpu")) == 64
+    data = device_data(mnist, torch.device("cpu"), mean=[MNIST_MEAN], std=[MNIST_STD], add_gray=False,
+                       train_size=100, test_size=1234)
+    torch.manual_seed(0)
+    model = build_model("lenet_300_100", "real3")
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    accuracy = evaluate(model, data, data.test, batch_size=1000)
+    assert seen == [100] * 12 + [34]
+    (x, y), = data.batches(data.test, 1234)  # the whole set in one batch, normalised as evaluate sees it
+    with torch.no_grad():
+        whole = (model(x).argmax(1) == y).sum().item()
+    assert abs(accuracy * 1234 / 100 - whole) <= 1 + 1e-6

@@ -218,13 +218,12 @@ def test_reproduce_script_writes_the_figure_report(data_root, cache_dir, tmp_pat
 
 
 def test_curves_compare_at_the_same_share_of_real_parameters():
-    sys.path.insert(0, str(REPO / "scripts"))
-    import reproduce
+    from qprune.aggregate import accuracy_at
 
     points = [{"pct_of_real": 10.0, "test_acc_mean": 90.0}, {"pct_of_real": 1.0, "test_acc_mean": 80.0}]
-    assert reproduce.interpolate(points, 10.0) == 90.0
-    assert reproduce.interpolate(points, 10 ** 0.5) == pytest.approx(85.0)  # halfway in log %
-    assert reproduce.interpolate(points, 20.0) is None, "no extrapolation beyond the levels run"
+    assert accuracy_at(points, 10.0) == 90.0
+    assert accuracy_at(points, 10 ** 0.5) == pytest.approx(85.0)  # halfway in log %
+    assert accuracy_at(points, 20.0) is None, "no extrapolation beyond the levels run"
 
 
 def test_report_counts_phase_a_time_without_counting_the_shared_round_twice(tmp_path):

@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -177,6 +178,21 @@ def study_view(curve: Curve, threshold: float = 30.0) -> list[dict]:
     shortest = min(len(run.rows) for run in curve.runs)
     return [p for p in curve.points if p["level"] < shortest
             and p["test_acc_mean"] is not None and p["test_acc_mean"] > threshold]
+
+
+# shares of the real model's parameters (%) at which reports set curves side by side
+MATCH_POINTS = (50, 25, 20, 15, 10, 7, 5, 4, 3, 2, 1.5, 1, 0.7, 0.5, 0.3)
+
+
+def accuracy_at(points: Sequence[dict], pct: float, key: str = "test_acc_mean") -> float | None:
+    """``key`` at ``pct`` % of the real model's parameters, linear in log % between the two nearest
+    levels (levels are geometric in %, so this is linear in the level); None outside the levels run."""
+    xy = sorted((p["pct_of_real"], p[key]) for p in points if p.get(key) is not None)
+    for (x0, y0), (x1, y1) in zip(xy, xy[1:]):
+        if x0 <= pct <= x1:
+            t = 0.0 if x1 == x0 else (math.log(pct) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + t * (y1 - y0)
+    return None
 
 
 def _mean_std(name: str, values: list) -> dict:

@@ -45,8 +45,8 @@ from .data import DeviceData, Split
 from .errors import ConfigError
 from .pruning import Masks
 from .training import (
-    EpochStats, LevelTraining, Observer, TrainSettings, autocast, load_optimizer_state, make_optimizer, optimizer_state,
-    set_precision,
+    EpochStats, LevelTraining, Observer, TrainSettings, autocast, eval_batch_size, load_optimizer_state, make_optimizer,
+    optimizer_state, set_precision,
 )
 
 
@@ -217,7 +217,7 @@ class Engine:
         """(K,) count of correctly classified images of ``split``, on the device (no host sync)."""
         correct = torch.zeros(self.trials, dtype=torch.long, device=self.data.device)
         self._set_training(False)
-        for x, y in self.data.batches(split, self.settings.eval_batch_size):
+        for x, y in self.data.batches(split, eval_batch_size(self.settings.eval_batch_size, self.data.device)):
             with autocast(self.settings.precision, self.data.device):
                 logits = self._logits(x, shared=True)
             correct += (logits.argmax(-1) == y).sum(-1)

@@ -142,13 +142,23 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
+# On the CPU a convolution's activations for 1,000 images overflow the caches: evaluating in chunks
+# of 100 is ~1.4x faster for Conv-4 (measured with one thread) and gives the same counts.
+CPU_EVAL_BATCH = 100
+
+
+def eval_batch_size(batch_size: int, device: torch.device) -> int:
+    """The evaluation chunk: ``train.eval_batch_size`` on a GPU, at most :data:`CPU_EVAL_BATCH` on the CPU."""
+    return batch_size if device.type == "cuda" else min(batch_size, CPU_EVAL_BATCH)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: DeviceData, split: Split, batch_size: int = 1000, precision: str = "fp32") -> float:
     """Accuracy in percent; one host sync at the end."""
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=data.device)
-    for x, y in data.batches(split, batch_size):
+    for x, y in data.batches(split, eval_batch_size(batch_size, data.device)):
         with autocast(precision, data.device):
             logits = model(x)
         correct += (logits.argmax(1) == y).sum()
