@@ -706,3 +706,33 @@ def test_cli_on_a_read_only_filesystem(copy_of, tmp_path, data_root, cache_dir):
         if not prefix:
             for p in [outputs, *outputs.rglob("*")]:
                 p.chmod(p.stat().st_mode | 0o200)
+
+
+def test_a_log_file_that_cannot_be_written_costs_one_warning_line(tmp_path, capsys):
+    """Hydra's file log on a full disk: one line on stderr, the handler silenced, logging goes on."""
+    import logging
+
+    from qprune.cli import guard_log_files
+
+    class FullDisk(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    logger = logging.getLogger("qprune-test-full-disk")
+    logger.propagate = False
+    handler = logging.FileHandler(tmp_path / "run.log", delay=True)
+    handler.stream = FullDisk()
+    console = logging.StreamHandler(sys.stdout)
+    logger.addHandler(handler)
+    logger.addHandler(console)
+    try:
+        guard_log_files(logger)
+        logger.warning("first")
+        logger.warning("second")
+    finally:
+        logger.removeHandler(console)
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [f"qprune: warning: cannot write the log file {tmp_path / 'run.log'}: "
+                                "No space left on device; the run goes on without it"]
+    assert "Logging error" not in err and out.splitlines() == ["first", "second"]
+    assert handler.level > logging.CRITICAL, "silenced: later records are not tried again"

@@ -65,6 +65,7 @@ def make_loggers(logger: dict | None, group: str | None) -> list[RunLogger]:
 def _main(cfg: DictConfig) -> None:
     from .runner import LevelRunner  # after Hydra has set up logging
 
+    guard_log_files()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
@@ -85,6 +86,29 @@ def _main(cfg: DictConfig) -> None:
         if isinstance(exc, RunDirectoryBusy) or not _remove_if_fresh(run_dir):
             _log_to_file(f"qprune: error: {exc}")
         sys.exit(2)
+
+
+def guard_log_files(logger: logging.Logger | None = None) -> None:
+    """A log file that cannot be written (a full disk) costs one warning line, not the run.
+
+    Python's logging prints "--- Logging error ---" with a traceback for every record it cannot
+    write; the run itself does not need the log (levels.csv and the checkpoints are what resume
+    reads), so the first failure silences the file handler (raised above every level: removing it
+    while logging iterates its handlers would skip the next one) and says so once.
+    """
+    root = logger or logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, logging.FileHandler):
+            def handle_error(record, handler=handler):
+                exc = sys.exc_info()[1]
+                handler.setLevel(logging.CRITICAL + 1)
+                try:
+                    handler.close()
+                except OSError:
+                    pass
+                print(f"qprune: warning: cannot write the log file {handler.baseFilename}: "
+                      f"{getattr(exc, 'strerror', None) or exc}; the run goes on without it", file=sys.stderr)
+            handler.handleError = handle_error
 
 
 def _log_to_file(message: str) -> None:
