@@ -84,6 +84,16 @@ def _signed(value: float | None, se: float | None = None) -> str:
     return f"{value:+.2f}" + (f" ± {se:.2f}" if se is not None else "")
 
 
+def _rows(cells_at) -> list[str]:
+    """One table row per share of :data:`MATCH_POINTS` where ``cells_at(pct)`` has something to show."""
+    rows = []
+    for pct in MATCH_POINTS:
+        cells = cells_at(pct)
+        if any(cells):
+            rows.append(f"| {pct:g} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def report(a: dict, b: dict, labels: tuple[str, str], sources: tuple[str, str], base: str, name: str) -> str:
     la, lb = labels
     shared = [c for c in a if c in b]
@@ -95,14 +105,15 @@ def report(a: dict, b: dict, labels: tuple[str, str], sources: tuple[str, str], 
              "(sqrt(s₁²/n₁ + s₂²/n₂)).", "",
              "| % of real | " + " | ".join(f"{c} {la} | {c} {lb} | {c} Δ" for c in shared) + " |",
              "| ---: | " + " | ".join("---: | ---: | ---:" for _ in shared) + " |"]
-    for pct in MATCH_POINTS:
-        cells, any_value = [], False
+
+    def accuracies(pct: float) -> list[str]:
+        cells = []
         for c in shared:
             ya, yb, d = accuracy_at(a[c], pct), accuracy_at(b[c], pct), change(a[c], b[c], pct)
-            any_value |= ya is not None or yb is not None
             cells += ["" if ya is None else f"{ya:.2f}", "" if yb is None else f"{yb:.2f}", _signed(*(d or (None,)))]
-        if any_value:
-            lines.append(f"| {pct:g} | " + " | ".join(cells) + " |")
+        return cells
+
+    lines += _rows(accuracies)
     others = [c for c in shared if c != base]
     if base in shared and others:
         lines += ["", f"## The gap to {base}", "",
@@ -110,17 +121,17 @@ def report(a: dict, b: dict, labels: tuple[str, str], sources: tuple[str, str], 
                   "gap moved. \"Ahead below x%\": where the two curves last cross, traced on a fine grid.", "",
                   "| % of real | " + " | ".join(f"{c} − {base} {la} | {c} − {base} {lb} | moved" for c in others) + " |",
                   "| ---: | " + " | ".join("---: | ---: | ---:" for _ in others) + " |"]
-        for pct in MATCH_POINTS:
-            cells, any_value = [], False
+
+        def gaps(pct: float) -> list[str]:
+            cells = []
             for c in others:
                 ga, gb = change(a[base], a[c], pct), change(b[base], b[c], pct)
-                any_value |= ga is not None or gb is not None
                 moved = None if ga is None or gb is None else (
                     gb[0] - ga[0], None if ga[1] is None or gb[1] is None else math.hypot(ga[1], gb[1]))
                 cells += [_signed(*(ga or (None,))), _signed(*(gb or (None,))), _signed(*(moved or (None,)))]
-            if any_value:
-                lines.append(f"| {pct:g} | " + " | ".join(cells) + " |")
-        lines += [""]
+            return cells
+
+        lines += [*_rows(gaps), ""]
         for c in others:
             said = [f"ahead below {x:.2g}% of the real parameters" if x is not None
                     else "not ahead at the lowest share both reach" for x in (lead_below(t[base], t[c]) for t in (a, b))]
