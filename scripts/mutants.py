@@ -40,11 +40,13 @@ QUAT, PRUNING, TRAINING = "src/qprune/quaternion.py", "src/qprune/pruning.py", "
 PROTOCOLS, RUNNER = "src/qprune/protocols.py", "src/qprune/runner.py"
 PIPELINE, STORE, LEVELS = "src/qprune/data/pipeline.py", "src/qprune/store.py", "src/qprune/levels.py"
 FILES = "src/qprune/files.py"  # the store's atomic writes
+COMPARE = "scripts/compare_results.py"
 
 # Test files, cheapest first (-x stops at the first failure).
 T_QUAT, T_PRUNING, T_STORE = "tests/test_quaternion.py", "tests/test_pruning.py", "tests/test_store.py"
 T_ORACLES, T_PROTOCOLS, T_DATA = "tests/test_oracles.py", "tests/test_protocols.py", "tests/test_data.py"
 T_TRIALS, T_CLI, T_FIDELITY = "tests/test_trials.py", "tests/test_cli.py", "tests/test_fidelity.py"
+T_COMPARE = "tests/test_compare_results.py"
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,15 @@ MUTANTS = [
     Mutant("store-unpickles", STORE, 'return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)',
            'return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)', (T_STORE, T_ORACLES),
            "loading a run file can run arbitrary code"),
+    # ---------------------------------------------------------------- evaluation and reports
+    Mutant("eval-chunk-ignored", TRAINING, "for x, y in data.batches(split, eval_batch_size(batch_size, data.device)):",
+           "for x, y in data.batches(split, batch_size):", (T_ORACLES,), "the CPU evaluates 1,000 images at a time (slower)"),
+    Mutant("compare-first-crossing", COMPARE, "    for (x0, g0), (x1, g1) in zip(zip(grid, gaps), zip(grid[1:], gaps[1:])):",
+           "    for (x0, g0), (x1, g1) in reversed(list(zip(zip(grid, gaps), zip(grid[1:], gaps[1:])))):",
+           (T_COMPARE,), "the lead is read from the dense end: the first crossing, not the last"),
+    Mutant("compare-se-ignores-n", COMPARE, "se = None if sa is None or sb is None else math.sqrt(sa ** 2 / na + sb ** 2 / nb)",
+           "se = None if sa is None or sb is None else math.sqrt(sa ** 2 + sb ** 2)", (T_COMPARE,),
+           "the standard error of a change ignores how many seeds each mean has"),
 ]
 
 
@@ -304,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args(argv)
     mutants = [m for m in MUTANTS if not args.k or any(k in m.name for k in args.k)]
+    if not mutants:
+        parser.error(f"no mutant's name contains {' or '.join(map(repr, args.k))} (--list shows them)")
     if args.list:
         for m in mutants:
             print(f"{m.name:36} {m.file.removeprefix('src/qprune/'):18} {' '.join(t.removeprefix('tests/') for t in m.tests)}  — {m.bug}")
