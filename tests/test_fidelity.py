@@ -280,3 +280,33 @@ def test_study_view_cuts_every_seed_to_the_shortest_and_drops_low_means():
     curve.points = [point(0, 90.0), point(1, 30.0), point(2, 45.0), point(3, 80.0)]
     # level 3 only one seed reached (cut), level 1's mean is not above 30% (dropped)
     assert [p["level"] for p in study_view(curve)] == [0, 2]
+
+
+def test_carry_diagnostic_compares_fresh_and_carried_first_steps(data_root, cache_dir, tmp_path, capsys):
+    """scripts/carry_diagnostic.py on a small paper run: a fresh Adam's first step is lr on every weight
+    with a gradient (max |Δw|/lr = 1 up to eps), and the carried state's is not."""
+    import os
+    import subprocess
+    import sys as _sys
+    from pathlib import Path
+
+    REPO = Path(__file__).resolve().parents[1]
+
+    run_dir = tmp_path / "run"
+    subprocess.run([_sys.executable, "-m", "qprune", "experiment=paper/lenet_300_100_mnist", "algebra=real3",
+                    "train.epochs=1", "data.train_size=600", "data.test_size=200", "prune.levels=2", "logger=csv",
+                    "progress=none", f"data.root={data_root}", f"data.cache={cache_dir}", f"hydra.run.dir={run_dir}"],
+                   check=True, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _sys.path.insert(0, str(REPO / "scripts"))
+    import carry_diagnostic
+
+    assert carry_diagnostic.main([str(run_dir), "--levels", "1,2", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "phase A's state after round 2 (Adam step 30)" in out  # rounds 0-2, 10 steps each (600 images, batch 60)
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert [r[2] for r in rows] == ["fresh", "carried", "fresh", "carried"]
+    max_over_lr = {(r[0], r[2]): float(r[5]) for r in rows}
+    assert max_over_lr[("| 1", "fresh")] == pytest.approx(1.0, abs=0.05)
+    assert max_over_lr[("| 2", "fresh")] == pytest.approx(1.0, abs=0.05)
+    for level in ("| 1", "| 2"):
+        assert abs(max_over_lr[(level, "carried")] - 1.0) > 0.05, "the carried moments change the first step"
