@@ -120,7 +120,8 @@ class QBatchNorm2d(nn.Module):
                                 self.bias, False, 0.0, self.eps / k)
         centred, mean = _Centre.apply(x)
         with torch.no_grad():
-            self.running_mean.lerp_(mean.flatten(), self.momentum)
+            # running = (1 - m)·running + m·mean, as torch's batch norm; not lerp_, which vmap (trials=K) runs one by one
+            self.running_mean.mul_(1.0 - self.momentum).add_(mean.flatten(), alpha=self.momentum)
         pooled = centred.reshape(n * k, c, h, w)
         # torch's batch norm on the pooled view; it updates running_var (unbiased) in the same kernel
         y = F.batch_norm(pooled, self._pooled_mean, self.running_var, half_weight, None, True, self.momentum, self.eps / k)
@@ -135,8 +136,8 @@ class QBatchNorm2d(nn.Module):
             centred = (x - mean.view(-1, 1, 1)).reshape(n, k, c, h, w).permute(2, 1, 0, 3, 4).reshape(c, k, m)
             cov = centred @ centred.transpose(1, 2) / m                               # (C, k, k)
             with torch.no_grad():
-                self.running_mean.lerp_(mean.flatten(), self.momentum)
-                self.running_cov.lerp_(cov * (m / max(m - 1, 1)), self.momentum)
+                self.running_mean.mul_(1.0 - self.momentum).add_(mean.flatten(), alpha=self.momentum)
+                self.running_cov.mul_(1.0 - self.momentum).add_(cov * (m / max(m - 1, 1)), alpha=self.momentum)
         else:
             mean, cov = self.running_mean.view(k, c), self.running_cov
         eye = torch.eye(k, device=x.device, dtype=x.dtype)
