@@ -210,3 +210,22 @@ def test_curves_of_the_hypercomplex_algebras_are_named_and_coloured_by_algebra(t
     import matplotlib.colors as mcolors
 
     assert [mcolors.to_hex(line.get_color()) for line in lines] == [mcolors.to_hex(c) for c in colours]
+
+
+def test_a_paper_figure_says_whose_choices_its_runs_used():
+    """The caption of a protocol=paper figure names the fidelity choices: a reader must not mistake
+    the original code's behaviour for qprune's corrections or the other way round."""
+    from qprune.aggregate import SweepRun, schedule_caption
+
+    def runs(**choices):
+        config = {"seed": 0, "train": {"epochs": 2}, "protocol": {"name": "paper", **choices.get("protocol", {})},
+                  "prune": {"rate": 0.2}, "algebra": {"name": "quat", **choices.get("algebra", {})}}
+        return [SweepRun(Path("run"), config, [], {"train": 4000})]
+
+    original = runs(algebra={"init": "study"}, protocol={"phase_b_optimizer": "carry", "stop_rule": "study"})
+    assert "protocol paper (the original code's choices)" in schedule_caption(original)
+    assert "protocol paper (qprune's corrections)" in schedule_caption(runs())  # keys absent: the defaults
+    mixed = runs(algebra={"init": "he"}, protocol={"phase_b_optimizer": "carry", "stop_rule": "study"})
+    assert "protocol paper (init he, phase-B optimizer carry, stop rule study)" in schedule_caption(mixed)
+    assert "(" not in schedule_caption([SweepRun(Path("run"), {"seed": 0, "train": {"epochs": 2},
+                                                               "protocol": {"name": "lth"}}, [], {})]).split(";")[0]

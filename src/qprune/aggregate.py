@@ -261,6 +261,12 @@ def schedule_caption(runs: Sequence[SweepRun]) -> str:
         images = "the full training set" if subset is None and common("data.val_size") is None else f"data.train_size={subset}"
     parts = [f"{epochs} epoch{'s' * (epochs != 1)} per level" + (f" (at most {max_steps} steps)" if max_steps not in (None, "varies") else ""),
              images, f"protocol {protocol}"]
+    if protocol == "paper":  # which of the original code's choices (docs/protocol.md); null keys mean the defaults
+        choice = tuple(common(k) for k in ("algebra.init", "protocol.phase_b_optimizer", "protocol.stop_rule"))
+        choice = tuple(default if value is None else value for value, default in zip(choice, ("he", "fresh", "two_below")))
+        parts[-1] += {("study", "carry", "study"): " (the original code's choices)",
+                      ("he", "fresh", "two_below"): " (qprune's corrections)"}.get(
+            choice, " (init {}, phase-B optimizer {}, stop rule {})".format(*choice))
     if isinstance(rate, (int, float)):
         parts.append(f"{100 * rate:g}% pruned per level")
     seeds = sorted({r.config.get("seed") for r in runs}, key=str)
