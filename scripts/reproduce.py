@@ -92,16 +92,18 @@ def _duration(seconds: float) -> str:
 
 def choices(runs: list[dict]) -> str:
     """Which of the original code's choices the runs used (fidelity=original) and which are qprune's corrections."""
-    seen = sorted({(r["init"], r["phase_b_optimizer"], r["stop_rule"]) for r in runs})
-    names = {("study", "carry", "study"): "the original code's choices (fidelity=original)",
-             ("he", "fresh", "two_below"): "qprune's corrections (fidelity=corrected)"}
-    return "; ".join(f"quaternion init `{i}`, phase-B optimizer `{o}`, stop rule `{r}`"
-                     + (f": {names[(i, o, r)]}" if (i, o, r) in names else "") for i, o, r in seen)
+    from qprune.aggregate import FIDELITY
+
+    def named(choice) -> str:
+        return f": {FIDELITY[choice][1]} (fidelity={FIDELITY[choice][0]})" if choice in FIDELITY else ""
+
+    return "; ".join(f"quaternion init `{i}`, phase-B optimizer `{o}`, stop rule `{r}`" + named((i, o, r))
+                     for i, o, r in sorted({r["fidelity"] for r in runs}))
 
 
-def report(figure: str, summary, runs: list[dict], args, wall: float, name: str | None = None) -> str:
-    """docs/results/<name>.md: how it was made, then mean ± std per level and algebra."""
-    name = name or figure
+def report(figure: str, summary, runs: list[dict], args, wall: float) -> str:
+    """docs/results/<name>.md (--name, default the figure's): how it was made, then mean ± std per level and algebra."""
+    name = args.name or figure
     small = [o for o in args.overrides if not o.startswith(("logger", "progress", "data.root", "data.cache", "device"))]
     lines = [f"# {figure}: test accuracy against % of the real model's parameters", ""]
     if small or args.levels:
@@ -200,24 +202,20 @@ def main(argv=None) -> int:
     if args.dry_run:
         return 0
     sys.path.insert(0, str(REPO / "src"))
-    from qprune.aggregate import aggregate
+    from qprune.aggregate import aggregate, fidelity_choice
 
     summary = aggregate(list(runs.values()), work)  # just the runs asked for: others may share the folder
     facts = []
     for run in summary.runs:
         meta = json.loads((run.path / "levels.json").read_text())
         config = meta.get("config") or {}
-        protocol = config.get("protocol") or {}
         facts.append({"data_source": meta.get("data_source", "?"), "train_seconds": sum(r["train_seconds"] for r in run.rows),
-                      "mask_seconds": round_seconds(run.path, config),
-                      "init": (config.get("algebra") or {}).get("init", "he"),
-                      "phase_b_optimizer": protocol.get("phase_b_optimizer", "fresh"),
-                      "stop_rule": protocol.get("stop_rule", "two_below")})
+                      "mask_seconds": round_seconds(run.path, config), "fidelity": fidelity_choice(config)})
     name = args.name or args.figure
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(summary.figure, args.out / f"{name}.png")
     shutil.copyfile(work / "sweep_mean.csv", args.out / f"{name}.csv")
-    (args.out / f"{name}.md").write_text(report(args.figure, summary, facts, args, time.time() - start, name))
+    (args.out / f"{name}.md").write_text(report(args.figure, summary, facts, args, time.time() - start))
     print(f"wrote {args.out / name}.md, .png and .csv", flush=True)
     return 0
 

@@ -244,6 +244,19 @@ def _panel_label(curve: Curve, keys: Sequence[str]) -> str:
     return " ".join(str(curve.key[k]) if k.endswith(".name") else f"{k}={_compact(curve.key.get(k))}" for k in keys)
 
 
+# (algebra.init, protocol.phase_b_optimizer, protocol.stop_rule): fidelity=original and =corrected
+FIDELITY_KEYS = ("algebra.init", "protocol.phase_b_optimizer", "protocol.stop_rule")
+CORRECTED = ("he", "fresh", "two_below")
+FIDELITY = {("study", "carry", "study"): ("original", "the original code's choices"),
+            CORRECTED: ("corrected", "qprune's corrections")}
+
+
+def fidelity_choice(config: dict) -> tuple[str, ...]:
+    """A run's (init, phase-B optimizer, stop rule); a key absent or null is qprune's default."""
+    flat = flatten(config)
+    return tuple(flat.get(key) or default for key, default in zip(FIDELITY_KEYS, CORRECTED))
+
+
 def schedule_caption(runs: Sequence[SweepRun]) -> str:
     """The schedule the panel's numbers come from, so a short test run never passes for a result."""
     flat = [flatten(r.config) for r in runs]
@@ -261,12 +274,11 @@ def schedule_caption(runs: Sequence[SweepRun]) -> str:
         images = "the full training set" if subset is None and common("data.val_size") is None else f"data.train_size={subset}"
     parts = [f"{epochs} epoch{'s' * (epochs != 1)} per level" + (f" (at most {max_steps} steps)" if max_steps not in (None, "varies") else ""),
              images, f"protocol {protocol}"]
-    if protocol == "paper":  # which of the original code's choices (docs/protocol.md); null keys mean the defaults
-        choice = tuple(common(k) for k in ("algebra.init", "protocol.phase_b_optimizer", "protocol.stop_rule"))
-        choice = tuple(default if value is None else value for value, default in zip(choice, ("he", "fresh", "two_below")))
-        parts[-1] += {("study", "carry", "study"): " (the original code's choices)",
-                      ("he", "fresh", "two_below"): " (qprune's corrections)"}.get(
-            choice, " (init {}, phase-B optimizer {}, stop rule {})".format(*choice))
+    if protocol == "paper":  # which of the original code's choices (docs/protocol.md)
+        choices = {fidelity_choice(r.config) for r in runs}
+        choice = choices.pop() if len(choices) == 1 else None
+        parts[-1] += (" (fidelity choices vary)" if choice is None else f" ({FIDELITY[choice][1]})" if choice in FIDELITY
+                      else " (init {}, phase-B optimizer {}, stop rule {})".format(*choice))
     if isinstance(rate, (int, float)):
         parts.append(f"{100 * rate:g}% pruned per level")
     seeds = sorted({r.config.get("seed") for r in runs}, key=str)
