@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--levels", default="1", help="comma-separated levels")
     p.add_argument("--steps", type=int, default=None, help="steps per training (default: one epoch)")
     args = p.parse_args(argv)
+    if not (args.run_dir / "levels.json").is_file():
+        p.error(f"{args.run_dir} has no levels.json: give the directory of a qprune run")
     config = json.loads((args.run_dir / "levels.json").read_text())["config"]
     settings = Settings.from_config(config)
     if settings.protocol.name != "paper":

@@ -32,13 +32,17 @@ def read_table(path: Path) -> dict[str, list[dict]]:
     """curve label -> its points (level, pct_of_real, test_acc_mean, test_acc_std, runs), dense first."""
     curves: dict[str, list[dict]] = {}
     with open(path, newline="") as f:
-        for row in csv.DictReader(f):
+        for line, row in enumerate(csv.DictReader(f), start=2):
             number = lambda key: float(row[key]) if row.get(key) not in (None, "") else None  # noqa: E731
-            curves.setdefault(row["curve"], []).append({
-                "level": int(row["level"]), "pct_of_real": float(row["pct_of_real"]),
-                "test_acc_mean": number("test_acc_mean"), "test_acc_std": number("test_acc_std"),
-                "runs": int(row["runs"]), "algebra": row.get("algebra.name") or row["curve"],
-            })
+            try:
+                curves.setdefault(row["curve"], []).append({
+                    "level": int(row["level"]), "pct_of_real": float(row["pct_of_real"]),
+                    "test_acc_mean": number("test_acc_mean"), "test_acc_std": number("test_acc_std"),
+                    "runs": int(row["runs"]), "algebra": row.get("algebra.name") or row["curve"],
+                })
+            except (KeyError, TypeError, ValueError) as exc:
+                raise SystemExit(f"compare_results: {path} line {line}: not a table written by scripts/reproduce.py "
+                                 f"({type(exc).__name__}: {exc})") from None
     if not curves:
         raise SystemExit(f"compare_results: {path} has no rows (expected a table written by scripts/reproduce.py)")
     return {label: sorted(points, key=lambda p: p["level"]) for label, points in curves.items()}

@@ -81,3 +81,13 @@ def test_refuses_tables_with_nothing_in_common(tmp_path):
     with pytest.raises(SystemExit):
         compare_results.main([str(first), str(second), "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x.md").exists()
+
+
+def test_a_table_of_another_kind_is_one_line(tmp_path, capsys):
+    good = write_table(tmp_path / "good.csv", FIRST)
+    other = tmp_path / "levels.csv"
+    other.write_text("level,test_acc\n0,97.5\n")   # a run's own levels.csv, not a figure's table
+    with pytest.raises(SystemExit) as info:
+        compare_results.main([str(good), str(other), "--out", str(tmp_path / "x")])
+    assert str(info.value).startswith(f"compare_results: {other} line 2: not a table written by scripts/reproduce.py")
+    assert not (tmp_path / "x.md").exists() and not (tmp_path / "x.png").exists()
