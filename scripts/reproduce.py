@@ -155,7 +155,30 @@ def report(figure: str, summary, runs: list[dict], args, wall: float) -> str:
         lines += ["The same comparison aggregated as the original study's plots did (every seed cut to the "
                   "shortest seed's levels, levels whose mean is at or below 30% dropped):", ""]
         lines += matched_table(study) or ["(no share of the real parameters is covered by two curves)", ""]
+    lines += layer_tables(curves)
     return "\n".join(lines)
+
+
+def layer_tables(curves) -> list[str]:
+    """% of each layer's weights the masks keep, per algebra (its first seed): a layer nearly gone
+    explains an accuracy cliff that the whole model's sparsity hides."""
+    from qprune.layer_density import density_table, layer_density
+
+    lines = ["Where the masks keep weights (% of each layer's weights kept; every run writes these per level "
+             "to `layer_density.csv`):", ""]
+    for curve in curves:
+        run = min(curve.runs, key=lambda r: r.config.get("seed") or 0)
+        layers, table = density_table(layer_density(run.path))
+        pct = {row["level"]: row["pct_of_real"] for row in run.rows}
+        lines += [f"{curve.label}, seed {run.config.get('seed')}:", "",
+                  "| level | % of real | " + " | ".join(layers) + " |",
+                  "| ---: | ---: | " + " | ".join("---:" for _ in layers) + " |"]
+        for level, kept in sorted(table.items()):
+            shown = f"{pct[level]:.2f}" if level in pct else "(phase A only)"
+            lines.append(f"| {level} | {shown} | " + " | ".join(f"{kept[layer]:.1f}" if layer in kept else ""
+                                                               for layer in layers) + " |")
+        lines.append("")
+    return lines
 
 
 def matched_table(curves) -> list[str]:

@@ -60,7 +60,7 @@ def test_quick_run_writes_sensible_levels(quick_run):
         # a few points of slack for other platforms' rounding
         assert float(r["test_acc"]) > 88
         assert int(r["steps"]) == 100 and r["best_val_acc"] == ""
-    for name in ("levels.json", "accuracy_vs_sparsity.png", "training_curves.png", "checkpoints/init.pt", "levels/level_02/masks.pt", "levels/level_02/weights.pt"):
+    for name in ("levels.json", "accuracy_vs_sparsity.png", "training_curves.png", "layer_density.png", "checkpoints/init.pt", "levels/level_02/masks.pt", "levels/level_02/weights.pt"):
         assert (run_dir / name).is_file(), name
     masks = RunDirectory(run_dir).load_masks(2)
     weights = torch.load(run_dir / "levels/level_02/weights.pt", weights_only=True)
@@ -68,6 +68,17 @@ def test_quick_run_writes_sensible_levels(quick_run):
     assert all((weights[n][~m] == 0).all() for n, m in masks.items())
     init = torch.load(run_dir / "checkpoints/init.pt", weights_only=True)
     assert set(init) == set(weights)
+    # the layers' shares kept add up to the level's kept weights (784x300 real = 58,800, 300x100 = 7,500,
+    # and the real 100x10 output layer)
+    with open(run_dir / "layer_density.csv") as f:
+        density = list(csv.DictReader(f))
+    assert [(d["level"], d["layer"], d["total"]) for d in density[:3]] == [
+        ("0", "hidden.0", "58800"), ("0", "hidden.2", "7500"), ("0", "output", "1000")]
+    for r in rows:
+        layers = [d for d in density if d["level"] == r["level"]]
+        assert sum(int(d["kept"]) for d in layers) == int(r["params_nonzero"]) - 410
+        assert all(float(d["pct_kept"]) == pytest.approx(100 * int(d["kept"]) / int(d["total"]), abs=1e-3) for d in layers)
+    assert (run_dir / "layer_density.png").is_file()
 
 
 def test_default_run_directory_is_under_outputs_and_named_by_the_run(data_root, cache_dir, tmp_path):

@@ -204,12 +204,21 @@ def test_reproduce_script_writes_the_figure_report(data_root, cache_dir, tmp_pat
     assert "Small-scale run, not the study's schedule" in report and "MNIST/raw" in report and "phase A's mask rounds" in report
     assert "the original code's choices (fidelity=original)" in report
     assert "aggregated as the original study's plots did" in report
-    table = [line for line in report.splitlines() if line.startswith("| 1 |")]
+    table = [line for line in report.splitlines() if line.startswith("| 1 |") and "(n=" in line]
     assert len(table) == 1 and table[0].count("(n=1)") == 2  # real3 and quat at level 1
     assert (out / "lenet_12_mnist.png").stat().st_size > 10_000
     with open(out / "lenet_12_mnist.csv") as f:
         first = next(csv.DictReader(f))
     assert (first["algebra.name"], first["level"], float(first["pct_of_real"])) == ("real3", "0", 100.0)
+    # per algebra, each layer's share kept: all of it at level 0; level 1 kept 80% of the weights in all,
+    # so one layer kept at most 80% and another at least 80%
+    lines = report.splitlines()
+    for label in ("real3", "quat"):
+        start = lines.index(f"{label}, seed 0:")
+        level0, level1 = (line.split(" | ")[2:] for line in lines[start + 4:start + 6])
+        assert [float(v.strip(" |")) for v in level0] == [100.0] * len(level0) and len(level0) >= 2
+        shares = [float(v.strip(" |")) for v in level1]
+        assert min(shares) <= 80.05 and 79.95 <= max(shares) <= 100
 
     # a report of some of the runs: the finished runs are skipped, and the other algebra's run is left out
     subprocess.run([*cmd[:3], "--algebras", "quat", *cmd[3:]], check=True, capture_output=True, text=True, timeout=300)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from qprune.reporting import plot_training_curves, training_curves_figure
+import torch
+
+from qprune.layer_density import density_table, layer_density
+from qprune.reporting import plot_layer_density, plot_training_curves, training_curves_figure
+from qprune.store import RunDirectory
 
 
 def _record(level: int, accuracies: list[float]) -> dict:
@@ -34,3 +38,25 @@ def test_training_curves_with_one_epoch_have_one_tick_and_a_visible_last_level()
 
     contrast = 1.05 / (luminance(ax.lines[-1].get_color()) + 0.05)
     assert contrast >= 2, f"the last level's colour is too pale on white (contrast {contrast:.2f})"
+
+
+def test_layer_density_reads_finished_levels_then_phase_a_rounds_not_yet_used(tmp_path):
+    """A paper run in phase B: level 0 is finished; rounds 0-2 exist, so rounds 1 and 2 fill in levels 1 and 2."""
+    store = RunDirectory(tmp_path)
+
+    def masks(kept_a: int, kept_b: int) -> dict:
+        a, b = torch.zeros(10, 10, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)
+        a.view(-1)[:kept_a], b[:kept_b] = True, True
+        return {"fc.weight": a, "out.weight": b}
+
+    store.save_level(0, masks(100, 4), {}, {"row": {"level": 0}, "epochs": []})
+    for round_, (a, b) in enumerate([(90, 4), (60, 3), (33, 1)]):   # round 0's masks are not level 0's: levels win
+        store.save_round(round_, masks(a, b), {"weights": {}, "optimizer": {}}, {"row": {"round": round_}})
+    rows = layer_density(tmp_path)
+    assert [(r["level"], r["layer"], r["kept"], r["total"], r["pct_kept"]) for r in rows] == [
+        (0, "fc", 100, 100, 100.0), (0, "out", 4, 4, 100.0), (1, "fc", 60, 100, 60.0), (1, "out", 3, 4, 75.0),
+        (2, "fc", 33, 100, 33.0), (2, "out", 1, 4, 25.0)]
+    layers, table = density_table(rows)
+    assert layers == ["fc", "out"] and table[2] == {"fc": 33.0, "out": 25.0}
+    plot_layer_density(rows, tmp_path / "layer_density.png", "t")
+    assert (tmp_path / "layer_density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -21,6 +21,7 @@ from typing import Any
 
 from .errors import StorageError
 from .files import atomic_write_bytes, atomic_write_text, strict_json
+from .layer_density import density_table, layer_density, write_layer_density_csv
 from .training import EpochStats, Observer
 
 log = logging.getLogger("qprune")
@@ -115,6 +116,24 @@ def plot_accuracy_vs_sparsity(rows: Sequence[dict], path: Path, title: str) -> N
     save_figure(fig, path)
 
 
+def plot_layer_density(rows: Sequence[dict], path: Path, title: str) -> None:
+    """% of each layer's weights kept against the level (log y): one line per layer."""
+    layers, table = density_table(rows)
+    fig, ax = pyplot().subplots(figsize=(6, 4), dpi=120)
+    levels = sorted(table)
+    for layer in layers:
+        points = [(level, table[level][layer]) for level in levels if layer in table[level]]
+        ax.plot(*zip(*points), marker=".", label=layer)
+    ax.set_yscale("log")
+    ax.set_xlabel("level")
+    ax.set_ylabel("% of the layer's weights kept")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def training_curves_figure(records: Sequence[dict], title: str):
     """Test accuracy against epoch, one curve per level (colour: level; legend: % of real parameters).
 
@@ -181,8 +200,8 @@ class RunLogger:
 
 
 class LocalFiles(RunLogger):
-    """levels.csv, levels.json, accuracy_vs_sparsity.png and training_curves.png in the run
-    directory, after every level."""
+    """levels.csv, levels.json, accuracy_vs_sparsity.png, training_curves.png and the layers' share
+    kept (layer_density.csv/.png) in the run directory, after every level."""
 
     def start(self, info: RunInfo, finished: list[dict]) -> None:
         self.info, self.trained = info, False
@@ -210,6 +229,9 @@ class LocalFiles(RunLogger):
         write_levels_json(rows, info.config, extra, info.run_dir / "levels.json")
         plot_accuracy_vs_sparsity(rows, info.run_dir / "accuracy_vs_sparsity.png", info.title)
         plot_training_curves(records, info.run_dir / "training_curves.png", info.title)
+        if density := layer_density(info.run_dir):
+            write_layer_density_csv(density, info.run_dir / "layer_density.csv")
+            plot_layer_density(density, info.run_dir / "layer_density.png", info.title)
 
 
 def percent_of_real_axis(ax, values: Sequence[float]) -> None:
