@@ -41,12 +41,14 @@ PROTOCOLS, RUNNER = "src/qprune/protocols.py", "src/qprune/runner.py"
 PIPELINE, STORE, LEVELS = "src/qprune/data/pipeline.py", "src/qprune/store.py", "src/qprune/levels.py"
 FILES = "src/qprune/files.py"  # the store's atomic writes
 COMPARE = "scripts/compare_results.py"
+DENSITY = "src/qprune/layer_density.py"
 
 # Test files, cheapest first (-x stops at the first failure).
 T_QUAT, T_PRUNING, T_STORE = "tests/test_quaternion.py", "tests/test_pruning.py", "tests/test_store.py"
 T_ORACLES, T_PROTOCOLS, T_DATA = "tests/test_oracles.py", "tests/test_protocols.py", "tests/test_data.py"
 T_TRIALS, T_CLI, T_FIDELITY = "tests/test_trials.py", "tests/test_cli.py", "tests/test_fidelity.py"
 T_COMPARE = "tests/test_compare_results.py"
+T_REPORTING = "tests/test_reporting.py"
 
 
 @dataclass(frozen=True)
@@ -240,6 +242,12 @@ MUTANTS = [
     Mutant("compare-se-ignores-n", COMPARE, "se = None if sa is None or sb is None else math.sqrt(sa ** 2 / na + sb ** 2 / nb)",
            "se = None if sa is None or sb is None else math.sqrt(sa ** 2 + sb ** 2)", (T_COMPARE,),
            "the standard error of a change ignores how many seeds each mean has"),
+    Mutant("layer-density-rounds-win", DENSITY,
+           "masks = store.load_masks(level) if store.level_finished(level) else store.load_round_masks(level)",
+           "masks = store.load_round_masks(level) if (store.round_dir(level) / \"masks.pt\").is_file() else store.load_masks(level)",
+           (T_REPORTING,), "a level's layer shares read from phase A's round instead of the masks the level trained"),
+    Mutant("layer-density-levels-only", DENSITY, "return sorted(set(levels) | {r for r in rounds if r not in levels})",
+           "return sorted(levels)", (T_REPORTING,), "a paper run still in phase A shows no layer shares"),
 ]
 
 
