@@ -115,6 +115,10 @@ def test_remaining_work_counts_every_training_a_run_still_has():
     # the original study's protocol: levels 1 and 2 also train a phase-A round; a baseline once per pruned level
     assert remaining_work(settings("protocol=paper", "baselines=[random_reinit]"), sizes) == Trainings(7, 7 * 51, 21)
     assert remaining_work(settings("trials=3"), sizes) == Trainings(9, 9 * 51, 27)
+    # phase A's rounds on disk are not trained again: rounds 0-1 done, level 0 done -> levels 1-2 and round 2
+    assert remaining_work(settings("protocol=paper"), sizes, finished_levels=1, finished_rounds=2) == Trainings(3, 3 * 51, 9)
+    # a round 0 of its own epochs (mask_epochs != train.epochs) is a training of its own
+    assert remaining_work(settings("protocol=paper", "protocol.mask_epochs=1"), sizes) == Trainings(6, 3 * 51 + 3 * 17, 12)
     assert estimate_seconds(Trainings(3, 153, 9), sizes, Timing(0.01, 1e-4, "cpu")) == pytest.approx(1.53 + 9 * 500 * 1e-4)
 
 
@@ -198,20 +202,93 @@ def test_progress_lines_show_evaluation_time_and_the_runs_eta(smoke_run):
 
 
 def test_the_run_clock_extrapolates_from_the_measured_pace(monkeypatch):
-    """ETA = levels left x the time of a level (before the first one ends: epochs x the time of an epoch)."""
+    """ETA = epochs still planned x this session's time per epoch (gaps between epochs included)."""
     import qprune.reporting as reporting
 
     now = [0.0]
     monkeypatch.setattr(reporting.time, "perf_counter", lambda: now[0])
-    clock = reporting.RunClock(last_level=4, epochs=2)
-    clock.level_started(0)
-    clock.epoch_done(10.0)
-    assert clock.seconds_left(epochs_left=1) == 90.0        # 1 epoch of this level + 4 levels x 2 epochs, 10 s each
-    now[0] = 25.0
+    clock = reporting.RunClock(planned_epochs=10)
+    assert clock.seconds_left() is None and clock.eta() == ""
+    clock.level_started()
+    now[0] = 10.0
+    clock.epoch_done()
+    assert clock.seconds_left() == 9 * 10.0
+    now[0] = 20.0
+    clock.epoch_done()
+    now[0] = 25.0                                           # saving and pruning between levels count too
     assert clock.level_done() == 25.0
-    clock.level_started(1)
-    now[0] = 30.0
-    assert clock.seconds_left() == 20.0 + 3 * 25.0         # the rest of level 1 at the pace of level 0, then 3 more
-    now[0] = 45.0
-    clock.level_done()
-    assert clock.seconds_left(level_finished=True) == 3 * 20.0, "level 0 left out once a later level is measured"
+    clock.level_started()
+    assert clock.seconds_left() == 8 * 12.5
+    for _ in range(8):
+        clock.epoch_done()
+    assert clock.seconds_left() == 0.0 and clock.eta() == ""
+
+
+def _spy_clocks(monkeypatch) -> list:
+    """The RunClock each LevelRunner makes, kept to read after the run."""
+    import qprune.runner as runner
+
+    clocks = []
+
+    class Spy(runner.RunClock):
+        def __init__(self, planned_epochs):
+            super().__init__(planned_epochs)
+            clocks.append(self)
+
+    monkeypatch.setattr(runner, "RunClock", Spy)
+    return clocks
+
+
+def _tiny(data_root, cache_dir, run_dir, *overrides, plan=False):
+    checked = check_command([*LENET, "data.train_size=120", "data.test_size=100", "train.epochs=2", "progress=none",
+                          "logger=csv", "protocol.stop_below=null", *overrides, f"data.root={data_root}",
+                          f"data.cache={cache_dir}", f"hydra.run.dir={run_dir}"])
+    return checked if plan else checked.jobs[0]
+
+
+@pytest.mark.parametrize("overrides,epochs", [
+    (["prune.levels=2"], 3 * 2),                                                       # 3 levels of 2 epochs
+    (["protocol=paper", "baselines=[random_reinit]", "prune.levels=2"], 3 * 2 + 2 * 2 + 2 * 2),   # + rounds 1-2, baselines
+    (["protocol=paper", "protocol.mask_epochs=1", "prune.levels=2"], 3 * 2 + 3 * 1),      # round 0 is its own training
+    (["experiment=paper/lenet_300_100_mnist", "train.epochs=2", "prune.levels=2"], 3 * 2 + 2 * 2),  # carry: rounds first
+    (["experiment=paper/lenet_300_100_mnist", "train.epochs=2", "prune.levels=2", "trials=2"], 3 * 2 + 2 * 2),
+])
+def test_the_eta_plans_exactly_the_epochs_a_run_trains(overrides, epochs, monkeypatch, data_root, cache_dir, tmp_path):
+    """Every training's epochs (levels, phase-A rounds, baselines) are in the plan, and nothing else."""
+    from qprune.runner import LevelRunner
+
+    clocks = _spy_clocks(monkeypatch)
+    job = _tiny(data_root, cache_dir, tmp_path, *overrides)
+    LevelRunner(job.settings, tmp_path, job.config).run()
+    (clock,) = clocks
+    assert (clock.planned_epochs, clock.epochs_done) == (epochs, epochs)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_resumed_paper_run_plans_only_what_is_left(monkeypatch, data_root, cache_dir, tmp_path):
+    """Stopped in phase A after round 1 of 3 (carry): the next session plans rounds 2-3 and levels 1-3,
+    and so does the dry run's estimate."""
+    from qprune.runner import LevelRunner
+    from qprune.store import RunDirectory
+
+    overrides = ["experiment=paper/lenet_300_100_mnist", "train.epochs=1", "prune.levels=3"]
+    job = _tiny(data_root, cache_dir, tmp_path, *overrides)
+    save_round = RunDirectory.save_round
+
+    def stop_at_round_2(self, round_, *rest):
+        if round_ == 2:
+            raise _Stop
+        return save_round(self, round_, *rest)
+
+    monkeypatch.setattr(RunDirectory, "save_round", stop_at_round_2)
+    with pytest.raises(_Stop):
+        LevelRunner(job.settings, tmp_path, job.config).run()
+    monkeypatch.setattr(RunDirectory, "save_round", save_round)
+    assert RunDirectory(tmp_path).finished_rounds() == 2 and len(RunDirectory(tmp_path).finished_levels()) == 1
+    assert "(5 trainings, 10 steps" in describe(_tiny(data_root, cache_dir, tmp_path, *overrides, plan=True))
+    clocks = _spy_clocks(monkeypatch)
+    LevelRunner(job.settings, tmp_path, job.config).run()
+    assert (clocks[0].planned_epochs, clocks[0].epochs_done) == (2 + 3, 2 + 3)

@@ -68,7 +68,10 @@ class Trainings:
     evaluations: int     # epochs evaluated (each on the test and validation images)
 
 
-def remaining_work(s: Settings, sizes: Sizes, finished_levels: int = 0) -> Trainings:
+def remaining_work(s: Settings, sizes: Sizes, finished_levels: int = 0, finished_rounds: int = 0) -> Trainings:
+    """The trainings a run has left: its levels from ``finished_levels`` on with their baselines, and
+    (``protocol=paper``) phase A's rounds from ``finished_rounds`` on (rounds 0 .. finished_rounds-1 are
+    on disk; round 0 is level 0's own training when the epochs agree)."""
     steps_per_epoch = s.train.steps_per_epoch(sizes.train)
     trainings = steps = evaluations = 0
 
@@ -80,10 +83,13 @@ def remaining_work(s: Settings, sizes: Sizes, finished_levels: int = 0) -> Train
     for level in range(finished_levels, s.prune.levels + 1):
         train(s.train.epochs)
         if level > 0:
-            if s.protocol.name == "paper":  # phase A's round beside phase B's training
-                train(s.protocol.mask_epochs or s.train.epochs)
             for _ in s.baselines:
                 train(s.train.epochs)
+    if s.protocol.name == "paper":   # phase A's rounds beside phase B's trainings
+        mask_epochs = s.protocol.mask_epochs or s.train.epochs
+        for round_ in range(finished_rounds, s.prune.levels + 1):
+            if round_ > 0 or mask_epochs != s.train.epochs:
+                train(mask_epochs)
     return Trainings(trainings * s.trials, steps * s.trials, evaluations * s.trials)
 
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .settings import Settings
     from .training import LevelTraining, Observer
     from .pruning import Masks
+    from .reporting import RunClock
 
 
 def level_generator(seed: int, level: int, device: torch.device, stream: int = 0) -> torch.Generator:
@@ -64,13 +65,19 @@ class Trainer(Protocol):
 
 @dataclass
 class LevelContext:
-    """What a protocol may use: the settings, the runs, the prunable weights, the trainer, the device."""
+    """What a protocol may use: the settings, the runs, the prunable weights, the trainer, the device,
+    and the run's clock (its ETA counts every training's epochs)."""
 
     settings: "Settings"
     trials: list[Trial]
     weights: list[PrunableWeight]
     trainer: Trainer
     device: torch.device
+    clock: "RunClock | None" = None
+
+    def clock_of(self, t: Trial) -> "RunClock | None":
+        """The clock for run ``t``'s progress: the first run's observers count the epochs of all of them."""
+        return self.clock if t.index == 0 else None
 
     def generator(self, seed: int, level: int, stream: int = 0) -> torch.Generator:
         return level_generator(seed, level, self.device, stream)

@@ -230,6 +230,15 @@ def finished_levels(job: Job) -> int:
     return n
 
 
+def finished_rounds(job: Job) -> int:
+    """Phase A's rounds on disk (``protocol=paper``): a resumed run does not train them again."""
+    if not (job.settings.resume and (job.run_dir / "run.json").is_file()):
+        return 0
+    from .store import RunDirectory
+
+    return RunDirectory(job.run_dir).finished_rounds()
+
+
 def levels_line(s: Settings) -> str:
     per_type = s.prune.layer_rates and any(v is not None for v in s.prune.layer_rates.values())
     rate = "a per-layer-type share" if per_type else f"{100 * s.prune.rate:g}%"
@@ -248,7 +257,7 @@ def estimate_line(job: Job, timings: dict) -> tuple[str, float | None]:
     sizes = split_sizes(s)
     if sizes is None:
         return "unknown (an image folder's size is known once it is read)", None
-    work = remaining_work(s, sizes, finished_levels(job))
+    work = remaining_work(s, sizes, finished_levels(job), finished_rounds(job))
     if work.trainings == 0:
         return "nothing left to train", 0.0
     key = json.dumps({k: v for k, v in run_identity(job.config).items() if k != "seed"}, sort_keys=True, default=str)

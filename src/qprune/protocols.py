@@ -297,7 +297,8 @@ class StudyProtocol(LotteryTicket):
             optimizers = [state["optimizer"] for state in states]
         several = len(c.trials) > 1
         observers = [ProgressObserver(level=round_, levels=c.settings.prune.levels, epochs=self.mask_epochs,
-                                      mode=_quiet(c, t), label=f"{'seed %d ' % t.s.seed if several else ''}mask round: ")
+                                      mode=_quiet(c, t), label=f"{'seed %d ' % t.s.seed if several else ''}mask round: ",
+                                      clock=c.clock_of(t))
                      for t in c.trials]
         trainings = c.trainer.train_level(masks, c.generators(round_), observers, optimizers, self.mask_epochs)
         for t, m, training, optimizer in zip(c.trials, masks, trainings, c.trainer.optimizer_states()):
@@ -366,7 +367,8 @@ def train_baselines(ctx: LevelContext, level: int, masks: list[Masks], protocol:
             m.apply_(t.model)
             level_masks.append(m)
         observers = [ProgressObserver(level=level, levels=s.prune.levels, epochs=s.train.epochs,
-                                      mode=_quiet(ctx, t), label=f"{baseline}: ") for t in ctx.trials]
+                                      mode=_quiet(ctx, t), label=f"{baseline}: ", clock=ctx.clock_of(t))
+                     for t in ctx.trials]
         trainings = ctx.trainer.train_level(level_masks, ctx.generators(level), observers)
         for t, training in zip(ctx.trials, trainings):
             if training.diverged:

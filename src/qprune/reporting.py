@@ -269,46 +269,44 @@ def duration(seconds: float) -> str:
 
 
 class RunClock:
-    """The whole run's pace in this session, for an ETA: levels left x the measured time of a level.
+    """The run's pace in this session, for an ETA: the epochs of training still planned x the time an
+    epoch has taken so far.
 
-    Until a level has finished, a level is taken to cost ``epochs`` x the measured time of an epoch
-    (training and evaluation); after that, the mean of the finished levels (the first one left out
-    once there are others: it may differ, e.g. ``protocol=paper``'s level 0 trains once, later levels twice).
+    Counting epochs rather than levels keeps the ETA right when trainings differ from level to level:
+    ``protocol=paper`` trains a phase-A round beside each level (with ``carry``, all the rounds inside
+    level 1), baselines add trainings. The time of an epoch is this session's wall time since the clock
+    started divided by the epochs done, so evaluation, pruning and saving are included. The plan is an
+    upper bound: a stopping rule or a diverged level ends a run sooner.
     """
 
-    def __init__(self, last_level: int, epochs: int):
-        self.last_level, self.epochs = last_level, epochs
-        self.level = 0
-        self.level_seconds: list[float] = []
-        self.epoch_seconds: list[float] = []
+    def __init__(self, planned_epochs: int):
+        self.planned_epochs = planned_epochs
+        self.epochs_done = 0
+        self._start: float | None = None   # the first level's start: loggers' and W&B's start-up left out
         self._level_start = time.perf_counter()
 
-    def level_started(self, level: int) -> None:
-        self.level, self._level_start = level, time.perf_counter()
+    def level_started(self) -> None:
+        self._level_start = time.perf_counter()
+        if self._start is None:
+            self._start = self._level_start
 
-    def epoch_done(self, seconds: float) -> None:
-        self.epoch_seconds.append(seconds)
+    def epoch_done(self) -> None:
+        self.epochs_done += 1
 
     def level_done(self) -> float:
-        seconds = time.perf_counter() - self._level_start
-        self.level_seconds.append(seconds)
-        return seconds
+        """Seconds since the level started."""
+        return time.perf_counter() - self._level_start
 
-    def seconds_left(self, epochs_left: int = 0, level_finished: bool = False) -> float | None:
-        """Time until the last level is finished (None: nothing measured yet)."""
-        levels_after = self.last_level - self.level
-        if self.level_seconds:
-            per_level = statistics.fmean(self.level_seconds[1:] or self.level_seconds)
-            current = 0.0 if level_finished else max(per_level - (time.perf_counter() - self._level_start), 0.0)
-            return current + levels_after * per_level
-        if self.epoch_seconds:
-            per_epoch = statistics.fmean(self.epoch_seconds)
-            return (epochs_left + levels_after * self.epochs) * per_epoch
-        return None
+    def seconds_left(self) -> float | None:
+        """Time until the planned epochs are done (None: no epoch measured yet)."""
+        if not self.epochs_done or self._start is None:
+            return None
+        per_epoch = (time.perf_counter() - self._start) / self.epochs_done
+        return max(self.planned_epochs - self.epochs_done, 0) * per_epoch
 
-    def eta(self, epochs_left: int = 0, level_finished: bool = False) -> str:
+    def eta(self) -> str:
         """'run ETA 1.2 h (about 16:40)', or '' when nothing is left or nothing is measured yet."""
-        seconds = self.seconds_left(epochs_left, level_finished)
+        seconds = self.seconds_left()
         if not seconds or seconds <= 0:
             return ""
         if seconds < 600:
@@ -353,8 +351,8 @@ class ProgressObserver(Observer):
         self._train_seconds = stats.seconds
         eta = ""
         if self.clock is not None:
-            self.clock.epoch_done(wall)
-            eta = self.clock.eta(epochs_left=self.epochs - stats.epoch)
+            self.clock.epoch_done()
+            eta = self.clock.eta()
         if self.quiet:
             return
         val = "" if stats.val_acc is None else f" val {stats.val_acc:.2f}%"

@@ -25,6 +25,7 @@ from torch import nn
 
 from .data import load_data
 from .engine import Engine, resolve_engine
+from .estimate import Sizes, remaining_work
 from .errors import ConfigError, Interrupted, QpruneError, RunDirectoryError
 from .fallback import FailSafeTrainer
 from .models import build_model, count_parameters, dense_real_parameters, parameter_counts
@@ -132,7 +133,6 @@ class LevelRunner:
         first = min(len(t.records) for t in self.trials)
         if first > s.prune.levels:
             log.info("all %d levels are finished already", s.prune.levels + 1)
-        self.clock = RunClock(s.prune.levels, s.train.epochs)
         error, level = None, first
         try:
             for level in range(first, s.prune.levels + 1):
@@ -143,7 +143,7 @@ class LevelRunner:
                     raise RunDirectoryError(f"{self.run_dir} cannot be written (a read-only filesystem) and level {level} "
                                             "is left to train: copy it to a writable folder and rerun with "
                                             "hydra.run.dir=<the copy> to resume it")
-                self.clock.level_started(level)
+                self.clock.level_started()
                 self._train_level(level)
         except KeyboardInterrupt:
             error = Interrupted(f"interrupted during level {level}")
@@ -184,9 +184,17 @@ class LevelRunner:
             for t in self.trials:
                 self._load_checkpoints(t)
         self.trainer = self._trainer(resolve_engine(s.train.engine, device))
-        self.context = LevelContext(s, self.trials, self.weights, self.trainer, device)
+        self.clock = RunClock(self._planned_epochs())
+        self.context = LevelContext(s, self.trials, self.weights, self.trainer, device, self.clock)
         self.protocol = make_protocol(self.context)
         return s
+
+    def _planned_epochs(self) -> int:
+        """The epochs of training the runs have left (per run; the ETA's plan)."""
+        sizes = Sizes(**self.data_sizes)
+        levels = min(len(t.records) for t in self.trials)
+        rounds = min(t.store.finished_rounds() for t in self.trials)
+        return remaining_work(self.s, sizes, levels, rounds).evaluations // self.s.trials
 
     def _read_finished_levels(self, t: Trial, device: torch.device) -> None:
         """Claim the run's directory, read and check its finished levels."""
@@ -266,7 +274,7 @@ class LevelRunner:
             _LevelObserver(t.model, self.rewind_step if level == 0 else -1, t.loggers, info, level=level,
                            levels=s.prune.levels, epochs=s.train.epochs, label=f"seed {t.s.seed}: " if several else "",
                            mode=s.progress if t.index == 0 or s.progress == "none" else "plain",
-                           clock=self.clock if t.index == 0 else None)
+                           clock=self.context.clock_of(t))
             for t, info in zip(self.trials, infos)
         ]
         trainings = self.trainer.train_level(masks, self.context.generators(level), observers,
@@ -279,7 +287,7 @@ class LevelRunner:
             for t, w in zip(self.trials, weights):
                 t.model.load_state_dict(w)
         took = duration(self.clock.level_done())
-        eta = self.clock.eta(level_finished=True)
+        eta = self.clock.eta()
         for t, mask, info, observer, training in zip(self.trials, masks, infos, observers, trainings):
             if len(t.records) > level:
                 continue  # finished in an earlier session (a resumed run ahead of the others): keep that result

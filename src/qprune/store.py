@@ -352,6 +352,13 @@ class RunDirectory:
         if round_ > 0:
             (self.round_dir(round_ - 1) / "state.pt").unlink(missing_ok=True)
 
+    def finished_rounds(self) -> int:
+        """How many phase-A rounds are on disk, 0, 1, ... without gaps."""
+        n = 0
+        while (self.round_dir(n) / "result.json").is_file():
+            n += 1
+        return n
+
     def round_result(self, round_: int) -> dict | None:
         file = self.round_dir(round_) / "result.json"
         return read_json(file, START_OVER) if file.exists() else None
