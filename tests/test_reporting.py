@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from qprune.layer_density import density_table, layer_density
@@ -40,18 +41,26 @@ def test_training_curves_with_one_epoch_have_one_tick_and_a_visible_last_level()
     assert contrast >= 2, f"the last level's colour is too pale on white (contrast {contrast:.2f})"
 
 
+def _masks(kept_a: int, kept_b: int) -> dict:
+    a, b = torch.zeros(10, 10, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)
+    a.view(-1)[:kept_a], b[:kept_b] = True, True
+    return {"fc.weight": a, "out.weight": b}
+
+
+def _paper_run_in_phase_b(path):
+    """Level 0 is finished; rounds 0-2 exist (round 0's masks are not level 0's here: levels must win)."""
+    store = RunDirectory(path)
+    store.save_level(0, _masks(100, 4), {}, {"row": {"level": 0, "prunable_remaining": 1.0, "test_acc": 91.5,
+                                                     "mask_test_acc": 91.5}, "epochs": []})
+    for round_, (a, b, acc) in enumerate([(90, 4, 91.5), (60, 3, 88.25), (33, 1, 40.0)]):
+        store.save_round(round_, _masks(a, b), {"weights": {}, "optimizer": {}},
+                         {"row": {"round": round_, "prunable_remaining": (a + b) / 104, "test_acc": acc}})
+    (path / "run.json").write_text("{}")
+
+
 def test_layer_density_reads_finished_levels_then_phase_a_rounds_not_yet_used(tmp_path):
-    """A paper run in phase B: level 0 is finished; rounds 0-2 exist, so rounds 1 and 2 fill in levels 1 and 2."""
-    store = RunDirectory(tmp_path)
-
-    def masks(kept_a: int, kept_b: int) -> dict:
-        a, b = torch.zeros(10, 10, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)
-        a.view(-1)[:kept_a], b[:kept_b] = True, True
-        return {"fc.weight": a, "out.weight": b}
-
-    store.save_level(0, masks(100, 4), {}, {"row": {"level": 0}, "epochs": []})
-    for round_, (a, b) in enumerate([(90, 4), (60, 3), (33, 1)]):   # round 0's masks are not level 0's: levels win
-        store.save_round(round_, masks(a, b), {"weights": {}, "optimizer": {}}, {"row": {"round": round_}})
+    """Rounds 1 and 2 fill in levels 1 and 2, which phase B has not trained yet."""
+    _paper_run_in_phase_b(tmp_path)
     rows = layer_density(tmp_path)
     assert [(r["level"], r["layer"], r["kept"], r["total"], r["pct_kept"]) for r in rows] == [
         (0, "fc", 100, 100, 100.0), (0, "out", 4, 4, 100.0), (1, "fc", 60, 100, 60.0), (1, "out", 3, 4, 75.0),
@@ -60,3 +69,22 @@ def test_layer_density_reads_finished_levels_then_phase_a_rounds_not_yet_used(tm
     assert layers == ["fc", "out"] and table[2] == {"fc": 33.0, "out": 25.0}
     plot_layer_density(rows, tmp_path / "layer_density.png", "t")
     assert (tmp_path / "layer_density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_layer_table_script_shows_both_phases_accuracy_and_each_layers_share(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import layer_table
+
+    _paper_run_in_phase_b(tmp_path)
+    assert layer_table.main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| level | % of prunable left | test acc | phase A test acc | fc % kept | out % kept |"
+    assert lines[4:7] == ["| 0 | 100.00 | 91.50 | 91.50 | 100.0 | 100.0 |",
+                          "| 1 | 60.58 |  | 88.25 | 60.0 | 75.0 |",          # 63 of 104 weights left
+                          "| 2 | 32.69 |  | 40.00 | 33.0 | 25.0 |"]
+    with pytest.raises(SystemExit):
+        layer_table.main([str(tmp_path / "levels")])
+    assert "is not a run directory (no run.json)" in capsys.readouterr().err
