@@ -233,7 +233,12 @@ def _spy_clocks(monkeypatch) -> list:
     class Spy(runner.RunClock):
         def __init__(self, planned_epochs):
             super().__init__(planned_epochs)
+            self.levels_took: list[float] = []
             clocks.append(self)
+
+        def level_done(self) -> float:
+            self.levels_took.append(super().level_done())
+            return self.levels_took[-1]
 
     monkeypatch.setattr(runner, "RunClock", Spy)
     return clocks
@@ -256,12 +261,18 @@ def _tiny(data_root, cache_dir, run_dir, *overrides, plan=False):
 def test_the_eta_plans_exactly_the_epochs_a_run_trains(overrides, epochs, monkeypatch, data_root, cache_dir, tmp_path):
     """Every training's epochs (levels, phase-A rounds, baselines) are in the plan, and nothing else."""
     from qprune.runner import LevelRunner
+    from qprune.store import RunDirectory
 
     clocks = _spy_clocks(monkeypatch)
     job = _tiny(data_root, cache_dir, tmp_path, *overrides)
     LevelRunner(job.settings, tmp_path, job.config).run()
     (clock,) = clocks
     assert (clock.planned_epochs, clock.epochs_done) == (epochs, epochs)
+    if "experiment=paper/lenet_300_100_mnist" in overrides:   # carry: level 1 trains phase A's rounds first
+        store = RunDirectory(tmp_path / "trial_0" if "trials=2" in overrides else tmp_path)
+        trained = [store.round_result(r)["epochs"][-1]["seconds"] for r in (1, 2)] + \
+                  [store.finished_levels()[1]["epochs"][-1]["seconds"]]
+        assert clock.levels_took[1] >= sum(trained), "the time level 1 took includes phase A's rounds"
 
 
 class _Stop(Exception):

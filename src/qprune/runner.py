@@ -136,6 +136,7 @@ class LevelRunner:
         error, level = None, first
         try:
             for level in range(first, s.prune.levels + 1):
+                self.clock.level_started()   # before the stopping rule: under carry it trains phase A's rounds
                 if reason := self.protocol.stop_reason(level):
                     log.info("stopping before level %d: %s", level, reason)
                     break
@@ -143,7 +144,6 @@ class LevelRunner:
                     raise RunDirectoryError(f"{self.run_dir} cannot be written (a read-only filesystem) and level {level} "
                                             "is left to train: copy it to a writable folder and rerun with "
                                             "hydra.run.dir=<the copy> to resume it")
-                self.clock.level_started()
                 self._train_level(level)
         except KeyboardInterrupt:
             error = Interrupted(f"interrupted during level {level}")
