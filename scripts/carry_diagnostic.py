@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from qprune.data import load_data  # noqa: E402
+from qprune.errors import QpruneError  # noqa: E402
 from qprune.models import build_model  # noqa: E402
 from qprune.settings import Settings  # noqa: E402
 from qprune.store import RunDirectory  # noqa: E402
@@ -42,7 +43,8 @@ def level_start(run: RunDirectory, settings: Settings, data, level: int):
     torch.manual_seed(settings.seed)
     model = build_model(settings.model, settings.algebra, data.num_classes, data.image_shape, **settings.model_options)
     model.load_state_dict(run.load_checkpoint("init"))
-    masks = run.load_masks(level)
+    # phase B's level L trains phase A's round-L masks: a level phase B has not reached yet has them too
+    masks = run.load_masks(level) if run.level_finished(level) else run.load_round_masks(level)
     with torch.no_grad():
         for name, mask in masks.items():
             model.get_parameter(name).mul_(mask.to(torch.float32))
@@ -88,6 +90,13 @@ def main(argv=None) -> int:
     p.add_argument("--levels", default="1", help="comma-separated levels")
     p.add_argument("--steps", type=int, default=None, help="steps per training (default: one epoch)")
     args = p.parse_args(argv)
+    try:
+        return diagnose(p, args)
+    except QpruneError as exc:   # missing data, a damaged run file: one line naming it and the fix
+        p.error(str(exc))
+
+
+def diagnose(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not (args.run_dir / "levels.json").is_file():
         p.error(f"{args.run_dir} has no levels.json: give the directory of a qprune run")
     config = json.loads((args.run_dir / "levels.json").read_text())["config"]
@@ -107,7 +116,11 @@ def main(argv=None) -> int:
           f"loss, last 10 of {steps} steps | test acc |")
     print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     rows = {int(r["level"]): r for r in json.loads((args.run_dir / "levels.json").read_text())["levels"]}
-    for level in (int(v) for v in args.levels.split(",")):
+    levels = [int(v) for v in args.levels.split(",")]
+    if missing := [level for level in levels if run.round_result(level) is None and not run.level_finished(level)]:
+        p.error(f"{args.run_dir} has no masks for level {', '.join(map(str, missing))} yet (phase A made rounds 0-"
+                f"{run.finished_rounds() - 1}): pick levels it has")
+    for level in levels:
         for name, state in (("fresh", None), ("carried", carried)):
             model, masks = level_start(run, settings, data, level)
             r = train(model, masks, data, settings, steps, state)

@@ -310,3 +310,14 @@ def test_carry_diagnostic_compares_fresh_and_carried_first_steps(data_root, cach
     assert max_over_lr[("| 2", "fresh")] == pytest.approx(1.0, abs=0.05)
     for level in ("| 1", "| 2"):
         assert abs(max_over_lr[(level, "carried")] - 1.0) > 0.05, "the carried moments change the first step"
+
+    # a level phase B has not trained yet uses phase A's round masks (the same masks): the same numbers
+    import shutil
+
+    shutil.rmtree(run_dir / "levels" / "level_02")
+    assert carry_diagnostic.main([str(run_dir), "--levels", "2", "--steps", "3"]) == 0
+    again = [line.split(" | ")[2:] for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 |")]
+    assert again == [r[2:] for r in rows[2:]]
+    with pytest.raises(SystemExit):
+        carry_diagnostic.main([str(run_dir), "--levels", "1,5"])
+    assert "has no masks for level 5 yet (phase A made rounds 0-2)" in capsys.readouterr().err
