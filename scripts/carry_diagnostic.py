@@ -124,8 +124,9 @@ def diagnose(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         for name, state in (("fresh", None), ("carried", carried)):
             model, masks = level_start(run, settings, data, level)
             r = train(model, masks, data, settings, steps, state)
-            pct = rows.get(level, {}).get("pct_of_real", float("nan"))
-            print(f"| {level} | {pct:.2f} | {name} | {r['relative']:.4f} | {r['rms_over_lr']:.2f} | {r['max_over_lr']:.1f} | "
+            pct = rows.get(level, {}).get("pct_of_real")   # a level phase B has not trained has no row yet
+            shown = "(phase A only)" if pct is None else f"{pct:.2f}"
+            print(f"| {level} | {shown} | {name} | {r['relative']:.4f} | {r['rms_over_lr']:.2f} | {r['max_over_lr']:.1f} | "
                   f"{r['loss']:.3f} | {r['test_acc']:.2f} |", flush=True)
     return 0
 
