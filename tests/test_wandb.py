@@ -83,6 +83,8 @@ def test_two_jobs_of_one_process_are_two_finished_wandb_runs(basic_sweep):
         assert [dict(zip(data["columns"], d))["test_acc"] for d in data["data"]] == [r["test_acc"] for r in rows]
         assert run.summary["final_test_acc"] == rows[-1]["test_acc"] and run.summary["levels_finished"] == 2
         assert (job / "training_curves.png").stat().st_size > 10_000
+        images = sorted(p.name.split("_")[0] for p in (job / "wandb").rglob("media/images/plots/*.png"))
+        assert images == ["accuracy", "layer", "training"], "the run's three plots are on its dashboard"
     assert len(run_ids) == 4, "a job's W&B run leaked into the next job"
     # the sweep's summary run, in the same group
     (summary,) = offline_runs(sweep_dir / "wandb")

@@ -336,7 +336,7 @@ class WandbLogger(RunLogger):
             "levels": table,
             "accuracy_vs_sparsity": wandb.plot.line(table, "pct_of_real", "test_acc", title=f"{self.info.title}: test accuracy vs % of real parameters"),
         }
-        for plot in ("accuracy_vs_sparsity", "training_curves"):
+        for plot in ("accuracy_vs_sparsity", "training_curves", "layer_density"):
             path = self.info.run_dir / f"{plot}.png"
             if path.is_file():
                 results[f"plots/{plot}"] = wandb.Image(str(path))
