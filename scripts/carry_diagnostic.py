@@ -43,8 +43,7 @@ def level_start(run: RunDirectory, settings: Settings, data, level: int):
     torch.manual_seed(settings.seed)
     model = build_model(settings.model, settings.algebra, data.num_classes, data.image_shape, **settings.model_options)
     model.load_state_dict(run.load_checkpoint("init"))
-    # phase B's level L trains phase A's round-L masks: a level phase B has not reached yet has them too
-    masks = run.load_masks(level) if run.level_finished(level) else run.load_round_masks(level)
+    masks = run.trained_masks(level)   # a level phase B has not reached yet: phase A's round masks
     with torch.no_grad():
         for name, mask in masks.items():
             model.get_parameter(name).mul_(mask.to(torch.float32))

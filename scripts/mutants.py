@@ -242,12 +242,12 @@ MUTANTS = [
     Mutant("compare-se-ignores-n", COMPARE, "se = None if sa is None or sb is None else math.sqrt(sa ** 2 / na + sb ** 2 / nb)",
            "se = None if sa is None or sb is None else math.sqrt(sa ** 2 + sb ** 2)", (T_COMPARE,),
            "the standard error of a change ignores how many seeds each mean has"),
-    Mutant("layer-density-rounds-win", DENSITY,
-           "masks = store.load_masks(level) if store.level_finished(level) else store.load_round_masks(level)",
-           "masks = store.load_round_masks(level) if (store.round_dir(level) / \"masks.pt\").is_file() else store.load_masks(level)",
+    Mutant("layer-density-rounds-win", STORE,
+           "return self.load_masks(level) if self.level_finished(level) else self.load_round_masks(level)",
+           "return self.load_round_masks(level) if (self.round_dir(level) / \"masks.pt\").is_file() else self.load_masks(level)",
            (T_REPORTING,), "a level's layer shares read from phase A's round instead of the masks the level trained"),
-    Mutant("layer-density-levels-only", DENSITY, "return sorted(set(levels) | {r for r in rounds if r not in levels})",
-           "return sorted(levels)", (T_REPORTING,), "a paper run still in phase A shows no layer shares"),
+    Mutant("layer-density-levels-only", DENSITY, "return list(range(max(levels, store.finished_rounds())))",
+           "return list(range(levels))", (T_REPORTING,), "a paper run still in phase A shows no layer shares"),
 ]
 
 

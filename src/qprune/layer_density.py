@@ -21,10 +21,10 @@ COLUMNS = ("level", "layer", "kept", "total", "pct_kept")
 
 def _levels_on_disk(store: RunDirectory) -> list[int]:
     """Levels with masks: finished levels, then (``protocol=paper``) phase-A rounds no level has used yet."""
-    levels = [r["row"]["level"] for r in store.finished_levels()]
-    rounds = sorted(int(p.parent.name.removeprefix("round_")) for p in (store.path / "mask_rounds").glob("round_*/result.json")
-                    if p.parent.name.removeprefix("round_").isdigit())
-    return sorted(set(levels) | {r for r in rounds if r not in levels})
+    levels = 0
+    while store.level_finished(levels):
+        levels += 1
+    return list(range(max(levels, store.finished_rounds())))
 
 
 def layer_density(run_dir: Path) -> list[dict]:
@@ -36,8 +36,7 @@ def layer_density(run_dir: Path) -> list[dict]:
     store = RunDirectory(Path(run_dir))
     rows = []
     for level in _levels_on_disk(store):
-        masks = store.load_masks(level) if store.level_finished(level) else store.load_round_masks(level)
-        for name, mask in masks.items():
+        for name, mask in store.trained_masks(level).items():
             kept, total = int(mask.sum()), mask.numel()
             rows.append({"level": level, "layer": name.removesuffix(".weight"), "kept": kept, "total": total,
                          "pct_kept": round(100 * kept / total, 3)})

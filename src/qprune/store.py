@@ -337,6 +337,11 @@ class RunDirectory:
         directory = self.level_dir(level)
         return unpack_masks(read_tensors(directory / "masks.pt", level_fix(directory), self._recorded(level, "masks.pt")))
 
+    def trained_masks(self, level: int) -> dict[str, Tensor]:
+        """The masks level ``level`` trains: the finished level's own or, for a ``protocol=paper`` level
+        phase B has not reached yet, phase A's round-``level`` masks (the same ones)."""
+        return self.load_masks(level) if self.level_finished(level) else self.load_round_masks(level)
+
     # ------------------------------------------------------------------ phase A rounds (protocol=paper)
     def round_dir(self, round_: int) -> Path:
         return self.path / "mask_rounds" / f"round_{round_:02d}"
