@@ -53,7 +53,7 @@ from qprune.algebra import Algebra  # noqa: E402
 from qprune.data import GRAY_WEIGHTS, DatasetSettings, device_data, load_raw  # noqa: E402
 from qprune.engine import Engine  # noqa: E402
 from qprune.pruning import Masks, prunable_weights  # noqa: E402
-from qprune.training import TrainSettings, make_optimizer, set_precision, train_level  # noqa: E402
+from qprune.training import TrainSettings, set_precision, train_level  # noqa: E402
 
 TEST_IMAGES = 10_000  # what the evaluation of a real run reads every epoch
 

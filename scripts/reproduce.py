@@ -195,7 +195,7 @@ def matched_table(curves) -> list[str]:
     base = curves[0].label
     lines = ["At the same share of the real model's parameters (mean accuracy interpolated linearly in log % "
              "between the two nearest levels; only where a curve covers that share):", "",
-             "| % of real | " + " | ".join(c.label for c in curves) + f" | best | " +
+             "| % of real | " + " | ".join(c.label for c in curves) + " | best | " +
              " | ".join(f"{c.label} − {base}" for c in curves[1:]) + " |",
              "| ---: | " + " | ".join("---:" for _ in curves) + " | --- | " + " | ".join("---:" for _ in curves[1:]) + " |"]
     for pct, values in rows:

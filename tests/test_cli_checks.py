@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from helpers import run_qprune
 from qprune.errors import ConfigError

@@ -12,30 +12,16 @@ import pytest
 import torch
 
 import graph_stand_in
-from qprune import build_model
+from helpers import mnist_slice, pruned_model
 from qprune.algebra import Algebra
-from qprune.data import device_data
 from qprune.engine import Engine, resolve_engine
 from qprune.errors import ConfigError
 from qprune.pruning import Masks, PruneSettings, prunable_weights, prune
 from qprune.training import TrainSettings, autocast, set_precision, train_level
 
-MNIST = dict(mean=(0.1307,), std=(0.3081,), add_gray=False)
-
-
 @pytest.fixture(scope="module")
 def data(mnist):
-    # 620 images: 10 full batches of 60 and a last partial batch of 20
-    return device_data(mnist, torch.device("cpu"), **MNIST, train_size=620, test_size=300)
-
-
-def pruned_model(algebra: str, seed: int, rate: float = 0.5):
-    torch.manual_seed(seed)
-    model = build_model("lenet_300_100", algebra)
-    weights = prunable_weights(model)
-    masks = prune(model, Masks.ones(model, weights), weights, PruneSettings(rate=rate))
-    masks.apply_(model)
-    return model, masks, [w.name for w in weights]
+    return mnist_slice(mnist)
 
 
 def max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:

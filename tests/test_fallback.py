@@ -18,34 +18,21 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import graph_stand_in
-from helpers import TINY
-from qprune import build_model
+from helpers import TINY, mnist_slice, pruned_model
 from qprune.cli import config_dir
-from qprune.data import device_data
 from qprune.engine import Engine
 from qprune.fallback import FailSafeTrainer, describe
 from qprune.graphs import GraphCheckError, disagreement
-from qprune.pruning import Masks, PruneSettings, prunable_weights, prune
 from qprune.runner import LevelRunner
 from qprune.settings import Settings
 from qprune.training import EagerTrainer, TrainSettings, train_level
 
-MNIST = dict(mean=(0.1307,), std=(0.3081,), add_gray=False)
 CAPTURE_ERROR = "CUDA error: operation not permitted when stream is capturing"
 
 
 @pytest.fixture(scope="module")
 def data(mnist):
-    return device_data(mnist, torch.device("cpu"), **MNIST, train_size=620, test_size=300)  # 10 batches of 60 and one of 20
-
-
-def pruned_model(algebra: str, seed: int):
-    torch.manual_seed(seed)
-    model = build_model("lenet_300_100", algebra)
-    weights = prunable_weights(model)
-    masks = prune(model, Masks.ones(model, weights), weights, PruneSettings(rate=0.5))
-    masks.apply_(model)
-    return model, masks, [w.name for w in weights]
+    return mnist_slice(mnist)
 
 
 def next_batch(engine, run):

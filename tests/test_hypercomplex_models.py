@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from helpers import mnist_slice, pruned_model
 from qprune import build_model, count_parameters
 from qprune.algebra import Algebra
 from qprune.errors import ConfigError
@@ -159,23 +160,9 @@ def test_whole_numbers_rank_by_their_rms():
 
 
 # ---------------------------------------------------------------------------------------------- training
-MNIST = dict(mean=(0.1307,), std=(0.3081,), add_gray=False)
-
-
 @pytest.fixture(scope="module")
 def data(mnist):
-    from qprune.data import device_data
-
-    return device_data(mnist, torch.device("cpu"), **MNIST, train_size=620, test_size=300)
-
-
-def pruned_model(algebra, seed: int, rate: float = 0.5):
-    torch.manual_seed(seed)
-    model = build_model("lenet_300_100", algebra)
-    weights = prunable_weights(model)
-    masks = prune(model, Masks.ones(model, weights), weights, PruneSettings(rate=rate))
-    masks.apply_(model)
-    return model, masks, [w.name for w in weights]
+    return mnist_slice(mnist)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])

@@ -126,7 +126,7 @@ def test_both_block_formulations_equal_the_written_out_block(shape):
     r, x, y, z = w
     rows = [(r, -x, -y, -z), (x, r, -z, y), (y, z, r, -x), (z, -y, x, r)]
     expected = torch.cat([torch.cat(row, dim=1) for row in rows], dim=0)
-    m, n = shape[1], shape[2]
+    m = shape[1]
     flat = w.reshape(4, m, -1)
     for block in (_block_gather(flat), _block_rows(flat)):
         assert torch.equal(block.reshape(expected.shape), expected)

@@ -4,7 +4,6 @@ sweep, as Hydra will run it), reproduce.py's runs too, and the test command is t
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import re
 import shlex
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import load_script
 from qprune.aggregate import arguments as aggregate_arguments
 from qprune.preflight import check_command
 
@@ -36,9 +36,7 @@ COMMANDS = readme_commands(README.read_text())
 
 def reproduce_dry_run(args: list[str]) -> list[list[str]]:
     """The `python -m qprune` runs scripts/reproduce.py would start (its --dry-run prints them)."""
-    spec = importlib.util.spec_from_file_location("reproduce", REPO / "scripts" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("reproduce")
     own, rest = (args[: args.index("--")], args[args.index("--"):]) if "--" in args else (args, [])
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):

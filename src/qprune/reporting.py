@@ -11,7 +11,6 @@ import csv
 import io
 import logging
 import math
-import statistics
 import sys
 import time
 from collections.abc import Sequence

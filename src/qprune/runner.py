@@ -267,7 +267,7 @@ class LevelRunner:
 
     def _train_level(self, level: int) -> None:
         """Prune, rewind and train every run at ``level``; each run's record is saved to its directory."""
-        s, device, several = self.s, self.data.device, len(self.trials) > 1
+        s, several = self.s, len(self.trials) > 1
         masks = self.protocol.level_masks(level)
         infos = [sparsity(m, t.model, self.dense_real) for m, t in zip(masks, self.trials)]
         observers = [

@@ -264,7 +264,7 @@ class RunDirectory:
     def finished_levels(self) -> list[dict]:
         """Records of the levels finished so far, 0, 1, ... without gaps."""
         records = []
-        while (file := self.level_dir(len(records)) / "result.json").exists():
+        while (self.level_dir(len(records)) / "result.json").exists():
             records.append(self._result(len(records)))
         return records
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..algebra import NORM_LAYERS, get_algebra
+from ..algebra import NORM_LAYERS, Algebra, get_algebra
 from ..errors import ConfigError
 from .classic import Classifier, ImageShape, conv_net, lenet
 from .mobilenet import mobilenet
