@@ -50,7 +50,9 @@ def _masks(kept_a: int, kept_b: int) -> dict:
 def _paper_run_in_phase_b(path):
     """Level 0 is finished; rounds 0-2 exist (round 0's masks are not level 0's here: levels must win)."""
     store = RunDirectory(path)
-    store.save_level(0, _masks(100, 4), {}, {"row": {"level": 0, "prunable_remaining": 1.0, "test_acc": 91.5,
+    # 104 prunable weights and 16 other parameters; the dense real model has 240
+    store.save_level(0, _masks(100, 4), {}, {"row": {"level": 0, "prunable_remaining": 1.0, "params_nonzero": 120,
+                                                     "params_total": 120, "pct_of_real": 50.0, "test_acc": 91.5,
                                                      "mask_test_acc": 91.5}, "epochs": []})
     for round_, (a, b, acc) in enumerate([(90, 4, 91.5), (60, 3, 88.25), (33, 1, 40.0)]):
         store.save_round(round_, _masks(a, b), {"weights": {}, "optimizer": {}},
@@ -81,10 +83,10 @@ def test_layer_table_script_shows_both_phases_accuracy_and_each_layers_share(tmp
     _paper_run_in_phase_b(tmp_path)
     assert layer_table.main([str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2] == "| level | % of prunable left | test acc | phase A test acc | fc % kept | out % kept |"
-    assert lines[4:7] == ["| 0 | 100.00 | 91.50 | 91.50 | 100.0 | 100.0 |",
-                          "| 1 | 60.58 |  | 88.25 | 60.0 | 75.0 |",          # 63 of 104 weights left
-                          "| 2 | 32.69 |  | 40.00 | 33.0 | 25.0 |"]
+    assert lines[2] == "| level | % of prunable left | % of real | test acc | phase A test acc | fc % kept | out % kept |"
+    assert lines[4:7] == ["| 0 | 100.00 | 50.00 | 91.50 | 91.50 | 100.0 | 100.0 |",
+                          "| 1 | 60.58 | 32.92 |  | 88.25 | 60.0 | 75.0 |",   # 63 of 104 weights left: 79 of 240
+                          "| 2 | 32.69 | 20.83 |  | 40.00 | 33.0 | 25.0 |"]   # 34 left: 50 of 240
     with pytest.raises(SystemExit):
         layer_table.main([str(tmp_path / "levels")])
     assert "is not a run directory (no run.json)" in capsys.readouterr().err
