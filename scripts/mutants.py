@@ -246,8 +246,8 @@ MUTANTS = [
            "return self.load_masks(level) if self.level_finished(level) else self.load_round_masks(level)",
            "return self.load_round_masks(level) if (self.round_dir(level) / \"masks.pt\").is_file() else self.load_masks(level)",
            (T_REPORTING,), "a level's layer shares read from phase A's round instead of the masks the level trained"),
-    Mutant("layer-density-levels-only", DENSITY, "return list(range(max(levels, store.finished_rounds())))",
-           "return list(range(levels))", (T_REPORTING,), "a paper run still in phase A shows no layer shares"),
+    Mutant("layer-density-levels-only", DENSITY, "return list(range(max(store.finished_level_count(), store.finished_rounds())))",
+           "return list(range(store.finished_level_count()))", (T_REPORTING,), "a paper run still in phase A shows no layer shares"),
 ]
 
 

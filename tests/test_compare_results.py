@@ -6,15 +6,13 @@ between levels, so the gap quat − real3 is linear there too and its zero is ex
 
 import csv
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+from helpers import load_script
 
-import compare_results  # noqa: E402
+compare_results = load_script("compare_results")
 
 COLUMNS = ["curve", "algebra.name", "level", "runs", "pct_of_real", "test_acc_mean", "test_acc_std"]
 

@@ -19,6 +19,7 @@ from qprune.errors import ConfigError
 from qprune.pruning import Masks, PruneSettings, prunable_weights, prune
 from qprune.training import TrainSettings, autocast, set_precision, train_level
 
+
 @pytest.fixture(scope="module")
 def data(mnist):
     return mnist_slice(mnist)

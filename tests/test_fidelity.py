@@ -15,6 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from helpers import load_script
 from qprune import build_model
 from qprune.cli import config_dir
 from qprune.errors import ConfigError
@@ -288,17 +289,13 @@ def test_carry_diagnostic_compares_fresh_and_carried_first_steps(data_root, cach
     import os
     import subprocess
     import sys as _sys
-    from pathlib import Path
-
-    REPO = Path(__file__).resolve().parents[1]
 
     run_dir = tmp_path / "run"
     subprocess.run([_sys.executable, "-m", "qprune", "experiment=paper/lenet_300_100_mnist", "algebra=real3",
                     "train.epochs=1", "data.train_size=600", "data.test_size=200", "prune.levels=2", "logger=csv",
                     "progress=none", f"data.root={data_root}", f"data.cache={cache_dir}", f"hydra.run.dir={run_dir}"],
                    check=True, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    _sys.path.insert(0, str(REPO / "scripts"))
-    import carry_diagnostic
+    carry_diagnostic = load_script("carry_diagnostic")
 
     assert carry_diagnostic.main([str(run_dir), "--levels", "1,2", "--steps", "3"]) == 0
     out = capsys.readouterr().out

@@ -13,6 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from helpers import load_script
 from qprune.cli import config_dir
 from qprune.data import DataSettings, DatasetSettings, load_data
 from qprune.models import build_model
@@ -236,8 +237,7 @@ def test_curves_compare_at_the_same_share_of_real_parameters():
 
 
 def test_report_counts_phase_a_time_without_counting_the_shared_round_twice(tmp_path):
-    sys.path.insert(0, str(REPO / "scripts"))
-    import reproduce
+    reproduce = load_script("reproduce")
 
     for r, seconds in enumerate((10.0, 3.0, 4.0)):
         d = tmp_path / "mask_rounds" / f"round_{r:02d}"

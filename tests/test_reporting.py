@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import load_script
 from qprune.layer_density import density_table, layer_density
 from qprune.reporting import plot_layer_density, plot_training_curves, training_curves_figure
 from qprune.store import RunDirectory
@@ -74,11 +75,7 @@ def test_layer_density_reads_finished_levels_then_phase_a_rounds_not_yet_used(tm
 
 
 def test_layer_table_script_shows_both_phases_accuracy_and_each_layers_share(tmp_path, capsys):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import layer_table
+    layer_table = load_script("layer_table")
 
     _paper_run_in_phase_b(tmp_path)
     assert layer_table.main([str(tmp_path)]) == 0

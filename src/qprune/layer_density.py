@@ -21,10 +21,7 @@ COLUMNS = ("level", "layer", "kept", "total", "pct_kept")
 
 def _levels_on_disk(store: RunDirectory) -> list[int]:
     """Levels with masks: finished levels, then (``protocol=paper``) phase-A rounds no level has used yet."""
-    levels = 0
-    while store.level_finished(levels):
-        levels += 1
-    return list(range(max(levels, store.finished_rounds())))
+    return list(range(max(store.finished_level_count(), store.finished_rounds())))
 
 
 def layer_density(run_dir: Path) -> list[dict]:

@@ -263,10 +263,14 @@ class RunDirectory:
 
     def finished_levels(self) -> list[dict]:
         """Records of the levels finished so far, 0, 1, ... without gaps."""
-        records = []
-        while (self.level_dir(len(records)) / "result.json").exists():
-            records.append(self._result(len(records)))
-        return records
+        return [self._result(level) for level in range(self.finished_level_count())]
+
+    def finished_level_count(self) -> int:
+        """How many levels are finished, 0, 1, ... without gaps."""
+        n = 0
+        while self.level_finished(n):
+            n += 1
+        return n
 
     def _result(self, level: int) -> dict:
         directory = self.level_dir(level)
